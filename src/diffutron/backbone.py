@@ -1,0 +1,284 @@
+"""The encoder behind a diffusion LM: loading, the chat template, and logits at chosen positions.
+
+Everything model-specific lives here, so the objective, the sampler, the likelihood estimator
+and the server share one forward helper, :func:`logits_at`, which runs the encoder over the
+whole canvas but the (256k-wide) MLM head only at the positions that will be read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import DiffutronError
+
+# The Diffutron chat template (plain-text markers, content stripped). Written with Jinja string
+# expressions only, so whitespace control can never eat the newlines the checkpoints were trained on.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{ '[SYS]\\n' + (message['content'] | trim) + '\\n[/SYS]\\n\\n' }}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{ '[Question]\\n' + (message['content'] | trim) + '\\n[/Question]\\n\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '[Answer]\\n' + (message['content'] | trim) + '\\n[/Answer]\\n\\n' }}"
+    "{%- else -%}"
+    "{{ raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '[Answer]\\n' }}{%- endif -%}"
+)
+END_OF_TURN = "[/Answer]"
+ROLES = ("system", "user", "assistant")
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# devices and dtypes
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` = CUDA, then MPS, else CPU."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DiffutronError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` = float32 on CPU, bfloat16 on GPUs."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    try:
+        return _DTYPES[str(dtype)]
+    except KeyError:
+        raise DiffutronError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def install_chat_template(tokenizer, *, force: bool = False) -> None:
+    """Install the Diffutron chat template on a tokenizer that has none (or always, with force)."""
+    if force or not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHAT_TEMPLATE
+
+
+def check_tokenizer(tokenizer, where: str = "the tokenizer") -> None:
+    """A diffusion LM needs a mask token; everything else has a fallback."""
+    if tokenizer.mask_token_id is None:
+        raise DiffutronError(
+            f"{where} has no mask token; a masked diffusion LM needs one "
+            "(add it with tokenizer.add_special_tokens({'mask_token': '[MASK]'}) and resize the embeddings)"
+        )
+
+
+def stop_token_sequences(tokenizer) -> list[list[int]]:
+    """Token-id sequences that end an answer: the end-of-turn marker as it appears after a newline."""
+    seqs = []
+    for text in (END_OF_TURN, "\n" + END_OF_TURN):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if text.startswith("\n"):
+            nl = tokenizer.encode("\n", add_special_tokens=False)
+            if ids[: len(nl)] == nl:
+                ids = ids[len(nl):]
+        if ids and ids not in seqs:
+            seqs.append(ids)
+    return seqs
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _is_local(path: str) -> bool:
+    return os.path.isdir(os.path.expanduser(path))
+
+
+def _check_local_dir(path: Path) -> None:
+    if (path / "adapter_config.json").exists():
+        return
+    if not (path / "config.json").exists():
+        raise DiffutronError(f"{path} has no config.json: point --model at a saved model directory")
+    if not any((path / f).exists() for f in _WEIGHT_FILES):
+        if (path / "pytorch_model.bin").exists():
+            raise DiffutronError(
+                f"{path} holds only pytorch_model.bin; diffutron loads safetensors only "
+                "(convert it with transformers: model.save_pretrained(dir, safe_serialization=True))"
+            )
+        raise DiffutronError(f"{path} has no model.safetensors: the directory holds no weights")
+
+
+def load_backbone(
+    name_or_path: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """Load an ``AutoModelForMaskedLM`` encoder and its tokenizer (safetensors only).
+
+    ``name_or_path`` is a local directory or a hub id; a directory holding a peft LoRA adapter
+    (``adapter_config.json``) loads its base model and applies the adapter (unmerged).
+    Returns ``(model, tokenizer)`` with the model in eval mode on ``device``.
+
+    Raises:
+        DiffutronError: no weights, no mask token, an architecture that is not a masked LM, or a
+            hub id that cannot be reached.
+    """
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    local = _is_local(name_or_path)
+    path = Path(os.path.expanduser(name_or_path)) if local else None
+    if local:
+        _check_local_dir(path)
+    elif name_or_path.count("/") > 1 or name_or_path.startswith((".", "~", "/")):
+        raise DiffutronError(f"model directory {name_or_path} does not exist")
+
+    adapter_dir = path if local and (path / "adapter_config.json").exists() else None
+    base = name_or_path
+    if adapter_dir is not None:
+        base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise DiffutronError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
+
+    common = {"trust_remote_code": trust_remote_code, "revision": revision}
+    try:
+        config = AutoConfig.from_pretrained(base, **common)
+    except (OSError, ValueError) as err:
+        raise _load_error(base, err) from None
+    if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not trust_remote_code:
+        raise DiffutronError(
+            f"{base}: architecture {config.model_type!r} has no masked-LM head in transformers "
+            "(use a ModernBERT/mmBERT, BERT or XLM-R encoder, or pass trust_remote_code for custom code)"
+        )
+    tok_source = adapter_dir if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").exists() else base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_source, **common)
+        model = AutoModelForMaskedLM.from_pretrained(
+            base, config=config, dtype=dtype, use_safetensors=True, **common
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(base, err) from None
+    check_tokenizer(tokenizer, f"the tokenizer of {name_or_path}")
+    install_chat_template(tokenizer)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_error(name: str, err: Exception) -> DiffutronError:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in text.lower() or "offline" in text.lower()
+    if not _is_local(name) and offline:
+        return DiffutronError(
+            f"cannot reach the Hugging Face hub to fetch {name!r} (offline?): download it where you are "
+            "online and pass the local directory"
+        )
+    if not _is_local(name):
+        return DiffutronError(f"cannot load {name!r}: not a local directory and the hub says: {text}")
+    return DiffutronError(f"cannot load {name}: {text}")
+
+
+def context_length(model, tokenizer) -> int:
+    """Positions the model can attend to: its position limit, or the tokenizer's if smaller."""
+    config = unwrap(model).config
+    limit = getattr(config, "max_position_embeddings", None) or 512
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < limit:
+        limit = tok_max
+    return int(limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# the forward helper
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face masked-LM module inside DDP/FSDP, torch.compile and peft wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def encoder_of(model: nn.Module) -> nn.Module | None:
+    """The encoder whose output the MLM head reads (``model.model`` for ModernBERT, ``.bert``...)."""
+    inner = unwrap(model)
+    encoder = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    return encoder if isinstance(encoder, nn.Module) and encoder is not inner else None
+
+
+@contextlib.contextmanager
+def _gather_hidden(encoder: nn.Module, flat_index: torch.Tensor):
+    """Within the block, the encoder returns its hidden states at ``flat_index`` only, [N, H]."""
+
+    def hook(module, args, output):
+        hidden = output[0]
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
+        if isinstance(output, tuple):
+            return (picked,) + tuple(output[1:])
+        output["last_hidden_state"] = picked
+        return output
+
+    handle = encoder.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def logits_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits [N, V] at the ``True`` entries of ``positions`` (bool [B, L]), in row-major order.
+
+    The encoder runs over the whole canvas; the MLM head (the costly 256k-wide matmul for mmBERT)
+    runs only at the N chosen positions. The gather happens inside the model's own forward
+    (a hook on its encoder), so DDP/FSDP/peft wrappers see one ordinary forward call.
+    """
+    flat_index = positions.reshape(-1).nonzero().squeeze(-1)
+    encoder = encoder_of(model)
+    if encoder is None:  # unknown layout: full logits, then pick
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, flat_index)
+    with _gather_hidden(encoder, flat_index):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def full_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, L, V] at every position (what the research code computes; for references)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -1,0 +1,96 @@
+"""The MDLM training objective (continuous time, Diffutron's reference normalisation).
+
+For a batch of b sequences::
+
+    loss = 1/b * sum_i  sum_{j masked in i}  w(t_i) * CE(logits_ij, x_ij) / N_i
+
+with t_i ~ U(eps, 1), each maskable token masked with probability 1 - alpha(t_i), the ELBO
+weight w(t) = -alpha'(t) / (1 - alpha(t)) (= 1/t for the linear schedule) and N_i the number of
+maskable tokens of sequence i. Logits are computed only at masked positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import logits_at
+from .errors import DiffutronError
+from .schedules import get_schedule, sample_t
+
+
+def draw_noise(
+    maskable: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    schedule: str = "linear",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Bool [B, L]: each maskable token is masked independently with probability 1 - alpha(t_i)."""
+    p_mask = get_schedule(schedule).mask_prob(t.float())  # [B]
+    u = torch.rand(maskable.shape, generator=generator).to(maskable.device)
+    return (u < p_mask[:, None].to(maskable.device)) & maskable
+
+
+def mdlm_loss(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    maskable: torch.Tensor,
+    *,
+    mask_token_id: int,
+    attention_mask: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    noise_mask: torch.Tensor | None = None,
+    schedule: str = "linear",
+    generator: torch.Generator | None = None,
+    eps: float = 1e-3,
+    t_sampling: str = "iid",
+    target_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MDLM loss of a batch (scalar tensor).
+
+    Args:
+        model: a Hugging Face masked-LM module (also wrapped by peft, DDP or FSDP).
+        input_ids: clean tokens, LongTensor [B, L].
+        maskable: bool [B, L], the tokens the loss may mask (never prompt or excluded padding).
+        mask_token_id: the tokenizer's mask id.
+        attention_mask: 1 for real tokens, 0 for padding the model must not attend to.
+        t: diffusion time per sequence [B]; drawn (``t_sampling``, ``eps``) when None.
+        noise_mask: bool [B, L], the positions to mask; drawn with ``t`` when None.
+        schedule: ``linear`` (default), ``loglinear`` or ``cosine``.
+        generator: RNG for t and masks (the default RNG when None).
+        target_weight: optional float [B, L] multiplying each token's term (e.g. a weight < 1 on
+            padding targets).
+
+    Rows without a maskable token add 0 and still count in the batch mean. When nothing is
+    masked the loss is an exact 0 that still depends on every parameter, so distributed
+    gradient reduction sees the same graph on every rank.
+    """
+    if input_ids.shape != maskable.shape:
+        raise DiffutronError(f"maskable has shape {tuple(maskable.shape)}, input_ids {tuple(input_ids.shape)}")
+    maskable = maskable.bool()
+    b = input_ids.shape[0]
+    sched = get_schedule(schedule)
+    # 1. one time per sequence  [B]
+    if t is None:
+        t = sample_t(b, eps=eps, method=t_sampling, generator=generator, device=input_ids.device)
+    t = t.to(input_ids.device).float()
+    # 2. mask maskable tokens with probability 1 - alpha(t)  [B, L]
+    if noise_mask is None:
+        noise_mask = draw_noise(maskable, t, schedule=schedule, generator=generator)
+    noise_mask = noise_mask.bool() & maskable
+    noisy = torch.where(noise_mask, torch.full_like(input_ids, mask_token_id), input_ids)
+    # 3. logits only where a token was masked  [N, V]
+    logits = logits_at(model, noisy, noise_mask, attention_mask)
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    # 4. weighted cross-entropy per masked token  [N]
+    ce = F.cross_entropy(logits.float(), input_ids[noise_mask], reduction="none")
+    rows = noise_mask.nonzero()[:, 0]
+    term = sched.weight(t)[rows] * ce
+    if target_weight is not None:
+        term = term * target_weight.to(term.dtype)[noise_mask]
+    # 5. per-sequence sum / maskable length, mean over the batch
+    per_seq = torch.zeros(b, dtype=term.dtype, device=term.device).index_add(0, rows, term)
+    n_maskable = maskable.sum(dim=1).clamp(min=1).to(term.dtype)
+    return (per_seq / n_maskable).sum() / b

@@ -1,0 +1,99 @@
+"""Sampler settings: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import DiffutronError
+
+REMASKING = ("low_confidence", "random", "margin", "entropy")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Settings of semi-autoregressive block denoising (defaults: the Diffutron paper's).
+
+    Attributes:
+        max_new_tokens: masks appended after each prompt (0 allowed when the input holds masks).
+        steps: denoising steps in total, spread evenly over the blocks.
+        block_length: tokens per block; blocks are decoded left to right.
+        temperature: 0 = argmax; > 0 samples from softmax(logits / temperature).
+        top_k: keep only the k most likely tokens when sampling (0 = off).
+        top_p: nucleus sampling mass in (0, 1] (1 = off).
+        repetition_penalty: divides positive / multiplies negative logits of every token id
+            already on the canvas (1 = off).
+        remasking: how confident a candidate is: low_confidence (its probability), margin
+            (p1 - p2), entropy (-H) or random.
+        threshold: None, or commit every masked position of the block whose confidence is at
+            least this (Fast-dLLM), and never fewer than the schedule's count.
+        cfg_scale: classifier-free guidance scale (0 = off); costs a second forward per step.
+        stop_at_eos: stop a row after the block in which its answer ended (EOS or end of turn).
+        seed: an int (row r uses seed + r) or one int per row.
+    """
+
+    max_new_tokens: int = 64
+    steps: int = 64
+    block_length: int = 32
+    temperature: float = 0.1
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.2
+    remasking: str = "low_confidence"
+    threshold: float | None = None
+    cfg_scale: float = 0.0
+    stop_at_eos: bool = True
+    seed: int | tuple[int, ...] = 0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value, allowed: str) -> DiffutronError:
+            return DiffutronError(f"invalid sampler setting {name}={value!r}: {allowed}")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise bad("max_new_tokens", self.max_new_tokens, "must be an integer >= 0 (>= 1 unless the input holds masks)")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise bad("steps", self.steps, "must be an integer >= 1")
+        if not isinstance(self.block_length, int) or self.block_length < 1:
+            raise bad("block_length", self.block_length, "must be an integer >= 1")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise bad("temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "must be an integer >= 0 (0 = off)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "must be in (0, 1]")
+        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
+            raise bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 = off)")
+        if self.remasking not in REMASKING:
+            raise bad("remasking", self.remasking, f"choose one of {', '.join(REMASKING)}")
+        if self.threshold is not None and (
+            not isinstance(self.threshold, (int, float)) or not 0 < self.threshold <= 1
+        ):
+            raise bad("threshold", self.threshold, "must be in (0, 1] or None")
+        if not isinstance(self.cfg_scale, (int, float)) or not self.cfg_scale >= 0:
+            raise bad("cfg_scale", self.cfg_scale, "must be >= 0 (0 = off)")
+        if isinstance(self.seed, list):
+            object.__setattr__(self, "seed", tuple(self.seed))
+        seeds = self.seed if isinstance(self.seed, tuple) else (self.seed,)
+        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+            raise bad("seed", self.seed, "must be an integer >= 0 or one such integer per row")
+
+    def replace(self, **changes) -> "SamplerConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def row_seeds(self, batch: int) -> list[int]:
+        """The seed of each row: seed + r for an int, the given list otherwise."""
+        if isinstance(self.seed, tuple):
+            if len(self.seed) != batch:
+                raise DiffutronError(f"seed has {len(self.seed)} values for a batch of {batch} rows: give one per row")
+            return list(self.seed)
+        return [self.seed + r for r in range(batch)]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if isinstance(d["seed"], tuple):
+            d["seed"] = list(d["seed"])
+        return d
+
+
+PAPER_DEFAULTS = SamplerConfig()

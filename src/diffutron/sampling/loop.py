@@ -1,0 +1,228 @@
+"""The one unmasking loop: semi-autoregressive block denoising with Diffutron semantics.
+
+Each row of the batch keeps its own block/step state, so a row decodes exactly as it would
+alone (ragged prompts, per-row seeds, early stops); rows that need a forward at the same time
+share one. Per step and row:
+
+1. the canvas holds prompt, committed tokens and masks; the current block's masks are the
+   positions that may be committed;
+2. logits at those positions only (``logits_at``), with classifier-free guidance when asked;
+3. repetition penalty, candidates x0 and confidences (``policies``);
+4. commit the k most confident (k from the block schedule; plus all above the threshold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backbone import logits_at
+from ..errors import DiffutronError
+from . import policies
+from .config import SamplerConfig
+from .stopping import find_stop
+
+
+@dataclass
+class GenerationOutput:
+    """``sequences``: LongTensor [B, max_prompt_len + max_new_tokens], the whole canvas (a row
+    that stopped early has its tail after the stop filled with pad); ``finish_reasons``:
+    "stop" (EOS or a stop sequence), "length" or "cancelled" per row; ``nfe``: model forward
+    calls for the whole batch; ``answer_start``: where each row's first mask was."""
+
+    sequences: torch.Tensor
+    finish_reasons: list[str]
+    nfe: int
+    answer_start: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Row:
+    blocks: list[tuple[int, int]]
+    steps: int
+    block: int = -1
+    plan: list[int] = field(default_factory=list)
+    j: int = 0
+    done: str | None = None
+
+
+Callback = Callable[[int, torch.Tensor], "Sequence[int] | None"]
+
+
+def build_canvas(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *, mask_token_id: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Canvas [B, P + max_new] with each row's masks right after its own prompt; returns
+    ``(canvas, attention, lengths)`` where lengths are the real lengths (prompt + masks)."""
+    b, p = input_ids.shape
+    lengths = attention_mask.sum(1).tolist()
+    canvas = torch.full((b, p + max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
+    attention = torch.zeros_like(canvas)
+    for r, n in enumerate(lengths):
+        canvas[r, :n] = input_ids[r, :n]
+        canvas[r, n : n + max_new_tokens] = mask_token_id
+        attention[r, : n + max_new_tokens] = 1
+    return canvas, attention, [n + max_new_tokens for n in lengths]
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    config: SamplerConfig,
+    *,
+    mask_token_id: int,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    stop_sequences: Sequence[Sequence[int]] | None = None,
+    callback: Callback | None = None,
+) -> GenerationOutput:
+    """Denoise ``config.max_new_tokens`` masks after each prompt (and any masks inside it).
+
+    Args:
+        model: a Hugging Face masked LM (or a peft-wrapped one).
+        input_ids: LongTensor [B, P], prompts right-padded with ``pad_token_id``.
+        config: the sampler settings.
+        mask_token_id / eos_token_id / pad_token_id: the tokenizer's ids (pad defaults to EOS,
+            then to the mask id).
+        attention_mask: 1 on real prompt tokens (all ones when None).
+        stop_sequences: token-id sequences that end an answer (e.g. the tokens of ``[/Answer]``).
+        callback: ``callback(step, canvas)`` after every step; may return row indices to cancel.
+
+    Raises:
+        DiffutronError: nothing to generate (no masks and max_new_tokens 0).
+    """
+    cfg = config
+    device = input_ids.device
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if eos_token_id is not None else mask_token_id
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device)
+    stops = [list(s) for s in (stop_sequences or []) if len(s)]
+    b = input_ids.shape[0]
+    canvas, attention, lengths = build_canvas(
+        input_ids, attention_mask, cfg.max_new_tokens, mask_token_id=mask_token_id, pad_token_id=pad_token_id
+    )
+    is_mask = (canvas == mask_token_id) & attention.bool()
+    # CFG's unconditional input masks the prompt: real tokens that are neither mask nor EOS at the start.
+    prompt_index = attention.bool() & ~is_mask
+    if eos_token_id is not None:
+        prompt_index &= canvas != eos_token_id
+
+    rows: list[_Row] = []
+    starts: list[int] = []
+    for r in range(b):
+        where = is_mask[r].nonzero().squeeze(-1)
+        if where.numel() == 0:
+            raise DiffutronError(
+                f"row {r} has nothing to generate: set max_new_tokens >= 1 or put mask tokens in the input"
+            )
+        first, last = int(where[0]), int(where[-1]) + 1
+        blocks = policies.blocks_of(first, last, cfg.block_length)
+        rows.append(_Row(blocks=blocks, steps=policies.steps_per_block(cfg.steps, len(blocks))))
+        starts.append(first)
+    generators = [torch.Generator().manual_seed(s) for s in cfg.row_seeds(b)]
+
+    def masks_left(r: int) -> int:
+        s, e = rows[r].blocks[rows[r].block]
+        return int((canvas[r, s:e] == mask_token_id).sum())
+
+    def end_block(r: int) -> None:
+        """Called when row r's current block is decoded: stop the row if its answer has ended."""
+        row = rows[r]
+        if cfg.stop_at_eos:
+            s, e = row.blocks[row.block]
+            hit = find_stop(canvas[r, starts[r] : e].tolist(), eos_token_id=eos_token_id, stop_sequences=stops)
+            if hit is not None:
+                tail = starts[r] + hit[1]
+                canvas[r, tail : lengths[r]] = pad_token_id
+                row.done = "stop"
+                return
+        if row.block + 1 >= len(row.blocks):
+            row.done = "length"
+
+    def next_work(r: int) -> int:
+        """Advance row r to its next step that commits k > 0 tokens; 0 when the row is done."""
+        row = rows[r]
+        while row.done is None:
+            if row.block < 0 or row.j >= len(row.plan) or masks_left(r) == 0:
+                if row.block >= 0:
+                    end_block(r)
+                    if row.done is not None:
+                        break
+                row.block += 1
+                row.plan = policies.block_schedule(masks_left(r), row.steps)
+                row.j = 0
+                continue
+            k = min(row.plan[row.j], masks_left(r))
+            if k > 0:
+                return k
+            row.j += 1  # a step that reveals nothing is skipped without a forward
+        return 0
+
+    nfe = 0
+    step = 0
+    while True:
+        work = [(r, k) for r in range(b) if rows[r].done is None and (k := next_work(r)) > 0]
+        if not work:
+            break
+        sel = torch.tensor([r for r, _ in work], device=device)
+        width = max(lengths[r] for r, _ in work)
+        x = canvas[sel, :width]
+        att = attention[sel, :width]
+        # 1. the positions this step may commit: masks inside each row's current block  [n, w]
+        cols = torch.arange(width, device=device)
+        lo = torch.tensor([rows[r].blocks[rows[r].block][0] for r, _ in work], device=device)
+        hi = torch.tensor([rows[r].blocks[rows[r].block][1] for r, _ in work], device=device)
+        target = (x == mask_token_id) & (cols >= lo[:, None]) & (cols < hi[:, None])
+        # 2. logits there only; CFG runs the prompt-masked canvas in the same batch  [N, V]
+        if cfg.cfg_scale > 0:
+            uncond = torch.where(prompt_index[sel, :width], torch.full_like(x, mask_token_id), x)
+            both = logits_at(model, torch.cat([x, uncond]), torch.cat([target, target]), torch.cat([att, att]))
+            cond, unc = both.float().chunk(2)
+            logits = unc + (cfg.cfg_scale + 1.0) * (cond - unc)
+        else:
+            logits = logits_at(model, x, target, att).float()
+        nfe += 1
+        local_rows = target.nonzero()[:, 0]  # [N] index into the work list
+        # 3. repetition penalty over each row's canvas (not mask, not EOS, not padding)
+        if cfg.repetition_penalty != 1.0:
+            seen = att.bool() & (x != mask_token_id)
+            if eos_token_id is not None:
+                seen &= x != eos_token_id
+            present = torch.zeros(len(work), logits.shape[-1], dtype=torch.bool, device=device)
+            present[seen.nonzero()[:, 0], x[seen]] = True
+            logits = policies.apply_repetition_penalty(logits, present, local_rows, cfg.repetition_penalty)
+        gens = [generators[r] for r, _ in work]
+        x0, conf = policies.propose(
+            logits, local_rows, gens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+            remasking=cfg.remasking,
+        )
+        # 4. commit the most confident candidates of each row
+        flat = target.nonzero()
+        for i, (r, k) in enumerate(work):
+            mine = (local_rows == i).nonzero().squeeze(-1)
+            chosen = mine[policies.choose(conf[mine], k, cfg.threshold)]
+            canvas[r, flat[chosen, 1]] = x0[chosen]
+            rows[r].j += 1
+        step += 1
+        if callback is not None:
+            for r in callback(step, canvas) or ():
+                if 0 <= r < b and rows[r].done is None:
+                    rows[r].done = "cancelled"
+                    tail = canvas[r, : lengths[r]] == mask_token_id
+                    canvas[r, : lengths[r]][tail] = pad_token_id
+
+    reasons = []
+    for r in range(b):
+        reason = rows[r].done or "length"
+        if reason == "length" and find_stop(
+            canvas[r, starts[r] : lengths[r]].tolist(), eos_token_id=eos_token_id, stop_sequences=stops
+        ):
+            reason = "stop"
+        reasons.append(reason)
+    return GenerationOutput(sequences=canvas, finish_reasons=reasons, nfe=nfe, answer_start=starts)

@@ -1,0 +1,113 @@
+"""Decoding rules applied to the logits of the positions a step may commit.
+
+Everything here works on compact tensors: ``logits`` [N, V] for the N still-masked positions of
+the current blocks (never the whole canvas), with ``rows`` [N] naming each position's row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def block_schedule(masks: int, steps: int) -> list[int]:
+    """Tokens to reveal at each step of a block: step j reveals round(m / (S - j)), m = masks left.
+
+    Rounds half to even (as torch.round / Python's round), so 32 masks in 64 steps reveal
+    0, 1, 0, 1, ...; the last step always reveals what is left.
+    """
+    out, left = [], masks
+    for j in range(steps):
+        k = min(left, int(round(left / (steps - j))))
+        out.append(k)
+        left -= k
+    return out
+
+
+def blocks_of(start: int, end: int, block_length: int) -> list[tuple[int, int]]:
+    """Split the span [start, end) into left-to-right blocks of ``block_length``."""
+    return [(s, min(s + block_length, end)) for s in range(start, end, block_length)]
+
+
+def steps_per_block(steps: int, num_blocks: int) -> int:
+    return max(1, math.ceil(steps / max(1, num_blocks)))
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, present: torch.Tensor, rows: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """Penalise token ids on each row's canvas: positive logits / p, negative logits * p.
+
+    ``present`` is bool [n_rows, V]; ``rows`` maps each of the N logit rows to its canvas row.
+    """
+    if penalty == 1.0:
+        return logits
+    hit = present[rows]
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(hit, penalised, logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top k / the nucleus of mass top_p to -inf (always keeps the best)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def propose(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    generators: list[torch.Generator],
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    remasking: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate tokens x0 [N] and their confidence [N] (higher = commit first).
+
+    x0 is the argmax at temperature 0, else a sample from softmax(filtered logits / temperature)
+    drawn with the row's own generator (so a row's draws do not depend on its batch).
+    Confidence is read from softmax(logits) without temperature.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        x0 = logits.argmax(-1)
+    else:
+        probs = filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(-1)
+        x0 = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        for r in rows.unique().tolist():
+            sel = (rows == r).nonzero().squeeze(-1)
+            draw = torch.multinomial(probs[sel].cpu(), 1, generator=generators[r]).squeeze(-1)
+            x0[sel] = draw.to(logits.device)
+    if remasking == "low_confidence":
+        conf = (logits.gather(-1, x0[:, None]).squeeze(-1) - logits.logsumexp(-1)).exp()
+    elif remasking == "margin":
+        top2 = logits.softmax(-1).topk(2, dim=-1).values
+        conf = top2[:, 0] - top2[:, 1]
+    elif remasking == "entropy":
+        logp = logits.log_softmax(-1)
+        conf = (logp.exp() * logp).nan_to_num().sum(-1)  # -H
+    else:  # random
+        conf = torch.empty(logits.shape[0], device=logits.device)
+        for r in rows.unique().tolist():
+            sel = (rows == r).nonzero().squeeze(-1)
+            conf[sel] = torch.rand(sel.numel(), generator=generators[r]).to(logits.device)
+    return x0, conf
+
+
+def choose(conf: torch.Tensor, k: int, threshold: float | None) -> torch.Tensor:
+    """Indices (into ``conf``) to commit: the k most confident, plus all at or above threshold."""
+    n = conf.numel()
+    if threshold is not None:
+        k = max(k, int((conf >= threshold).sum()))
+    k = min(k, n)
+    return torch.topk(conf, k).indices
