@@ -282,3 +282,25 @@ def logits_at(
 def full_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [B, L, V] at every position (what the research code computes; for references)."""
     return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+FAST_MODES = ("bf16", "int8")
+
+
+def make_fast(model: nn.Module, mode: str) -> nn.Module:
+    """Approximate, faster inference weights: ``bf16`` (all weights in bfloat16) or ``int8``
+    (dynamic int8 quantization of every Linear layer, the MLM output layer included; CPU only).
+    Returns the model to use (int8 builds a new module)."""
+    if mode == "bf16":
+        return model.to(torch.bfloat16)
+    if mode == "int8":
+        import warnings
+
+        if next(model.parameters()).device.type != "cpu":
+            raise DiffutronError("int8 dynamic quantization runs on CPU only: use --fast bf16 on GPUs")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import quantize_dynamic
+
+            return quantize_dynamic(model.float(), {nn.Linear}, dtype=torch.qint8)
+    raise DiffutronError(f"unknown fast mode {mode!r}; choose one of {', '.join(FAST_MODES)}")

@@ -88,6 +88,11 @@ class DiffusionLM:
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
 
+    def make_fast(self, mode: str = "bf16") -> "DiffusionLM":
+        """Switch to approximate, faster weights in place: ``bf16`` or ``int8`` (see backbone.make_fast)."""
+        self.model = backbone.make_fast(self.model, mode)
+        return self
+
     # ------------------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
@@ -196,24 +201,35 @@ class DiffusionLM:
         out = self.generate_ids(token_lists, config, callback=callback)
         return self.completions(out, token_lists)
 
-    def generate_ids(self, token_lists: Sequence[Sequence[int]], config: SamplerConfig, *, callback=None) -> GenerationOutput:
-        """The sampler on already-encoded prompts (what ``generate`` and the server call)."""
+    def generate_ids(
+        self, token_lists: Sequence[Sequence[int]], config: SamplerConfig, *, callback=None,
+        stop_sequences: Sequence[Sequence[int]] | None = None,
+    ) -> GenerationOutput:
+        """The sampler on already-encoded prompts (what ``generate`` and the server call).
+
+        ``stop_sequences``: token sequences that end an answer (default: the model's own,
+        ``self.stop_sequences``; the server adds a request's ``stop`` strings to them)."""
         ids, att = self.batch(token_lists)
         was_training = self.model.training
         self.model.eval()
         try:
             return sample(
                 self.model, ids, config, mask_token_id=self.mask_token_id, eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id, attention_mask=att, stop_sequences=self.stop_sequences,
+                pad_token_id=self.pad_token_id, attention_mask=att,
+                stop_sequences=self.stop_sequences if stop_sequences is None else stop_sequences,
                 callback=callback,
             )
         finally:
             self.model.train(was_training)
 
-    def answer_ids(self, tokens: Sequence[int]) -> tuple[list[int], bool]:
-        """The answer part of decoded tokens: cut before EOS / end of turn; ``(ids, ended)``."""
+    def answer_ids(
+        self, tokens: Sequence[int], stop_sequences: Sequence[Sequence[int]] | None = None
+    ) -> tuple[list[int], bool]:
+        """The answer part of decoded tokens: cut before EOS / end of turn (or one of
+        ``stop_sequences``, default the model's own); ``(ids, ended)``."""
         tokens = list(tokens)
-        hit = find_stop(tokens, eos_token_id=self.eos_token_id, stop_sequences=self.stop_sequences,
+        stops = self.stop_sequences if stop_sequences is None else stop_sequences
+        hit = find_stop(tokens, eos_token_id=self.eos_token_id, stop_sequences=stops,
                         mask_token_id=self.mask_token_id)
         if hit is not None:
             return tokens[: hit[0]], True
@@ -225,12 +241,15 @@ class DiffusionLM:
         """Text of answer tokens: special tokens (pad, mask, ...) dropped, outer whitespace stripped."""
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
 
-    def completions(self, out: GenerationOutput, token_lists: Sequence[Sequence[int]]) -> list[Completion]:
+    def completions(
+        self, out: GenerationOutput, token_lists: Sequence[Sequence[int]],
+        stop_sequences: Sequence[Sequence[int]] | None = None,
+    ) -> list[Completion]:
         result = []
         for r, toks in enumerate(token_lists):
             start = out.answer_start[r]
             row = out.sequences[r, start:].tolist()
-            answer, _ = self.answer_ids(row)
+            answer, _ = self.answer_ids(row, stop_sequences)
             answer = [t for t in answer if t != self.pad_token_id]
             result.append(Completion(
                 text=self.decode(answer), finish_reason=out.finish_reasons[r], prompt_tokens=len(toks),

@@ -23,14 +23,19 @@ class Schedule:
     name: str
     alpha: Callable[[torch.Tensor], torch.Tensor]
     dalpha: Callable[[torch.Tensor], torch.Tensor]
+    # Closed forms of 1 - alpha and of the weight where they exist: 1 - (1 - t) loses digits at small t.
+    closed_mask_prob: Callable[[torch.Tensor], torch.Tensor] | None = None
+    closed_weight: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
         """Probability that a maskable token is masked at time t."""
-        return 1.0 - self.alpha(t)
+        return self.closed_mask_prob(t) if self.closed_mask_prob else 1.0 - self.alpha(t)
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """ELBO weight -alpha'(t) / (1 - alpha(t)); 1/t for the linear schedule."""
-        return -self.dalpha(t) / (1.0 - self.alpha(t))
+        if self.closed_weight:
+            return self.closed_weight(t)
+        return -self.dalpha(t) / self.mask_prob(t)
 
 
 def _loglinear_eps() -> float:
@@ -39,12 +44,14 @@ def _loglinear_eps() -> float:
 
 SCHEDULES: dict[str, Schedule] = {
     # alpha = 1 - t: Diffutron's (and MDLM's default) schedule; w(t) = 1/t.
-    "linear": Schedule("linear", lambda t: 1.0 - t, lambda t: -torch.ones_like(t)),
+    "linear": Schedule("linear", lambda t: 1.0 - t, lambda t: -torch.ones_like(t), lambda t: t, lambda t: 1.0 / t),
     # MDLM's log-linear noise: sigma(t) = -log(1 - (1 - e) t), alpha = exp(-sigma), e = 1e-3.
     "loglinear": Schedule(
         "loglinear",
         lambda t: 1.0 - (1.0 - _loglinear_eps()) * t,
         lambda t: torch.full_like(t, -(1.0 - _loglinear_eps())),
+        lambda t: (1.0 - _loglinear_eps()) * t,
+        lambda t: 1.0 / t,
     ),
     # alpha = cos(pi t / 2): masks fewer tokens early, more late.
     "cosine": Schedule(

@@ -1,0 +1,186 @@
+"""``diffutron generate`` and ``diffutron chat``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from ..errors import DiffutronError
+from ..sampling import REMASKING, SamplerConfig
+from ._common import add_model_args, load_lm
+
+
+def add_sampler_args(parser: argparse.ArgumentParser) -> None:
+    """Sampler flags; each defaults to the paper's setting (see ``SamplerConfig``)."""
+    d = SamplerConfig()
+    g = parser.add_argument_group("sampler (defaults: the Diffutron paper's settings)")
+    g.add_argument("--steps", type=int, default=d.steps, help=f"denoising steps in total (default {d.steps})")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"answer length in tokens (default {d.max_new_tokens})")
+    g.add_argument("--block-length", type=int, default=d.block_length, help=f"tokens per block (default {d.block_length})")
+    g.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy (default {d.temperature})")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help=f"(default {d.repetition_penalty}; 1 = off)")
+    g.add_argument("--remasking", choices=REMASKING, default=d.remasking, help="confidence rule that picks what to commit")
+    g.add_argument("--threshold", type=float, default=None, help="also commit every position at least this confident (e.g. 0.9)")
+    g.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance (0 = off)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0: runs reproduce)")
+    g.add_argument("--no-stop", action="store_true", help="decode every block even after the answer ended")
+    g.add_argument("--fast", choices=["bf16", "int8"], nargs="?", const="bf16", default=None,
+                   help="approximate but faster weights: bf16 (default for --fast) or int8 dynamic quantization")
+
+
+def sampler_config(args: argparse.Namespace) -> SamplerConfig:
+    return SamplerConfig(
+        max_new_tokens=args.max_new_tokens, steps=args.steps, block_length=args.block_length,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, remasking=args.remasking, threshold=args.threshold,
+        cfg_scale=args.cfg_scale, stop_at_eos=not args.no_stop, seed=args.seed,
+    )
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="answer prompts (chat template applied unless --raw)",
+                       description="Generate answers with semi-autoregressive block denoising.")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt texts (or use --input)")
+    add_model_args(p)
+    add_sampler_args(p)
+    p.add_argument("--system", default=None, help="system message for every prompt")
+    p.add_argument("--raw", action="store_true", help="continue the raw text instead of applying the chat template")
+    p.add_argument("--input", type=Path, default=None,
+                   help='JSONL file: one prompt per line, {"prompt": "..."} or {"messages": [...]}')
+    p.add_argument("--output", type=Path, default=None, help="write one JSON object per prompt to this JSONL file")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="what to print")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per sampler batch")
+    p.set_defaults(func=run_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat in the terminal",
+                       description="Chat with the model; the answer denoises live when the terminal allows.")
+    add_model_args(c)
+    add_sampler_args(c)
+    c.add_argument("--system", default=None, help="system message")
+    c.set_defaults(func=run_chat)
+
+
+def _read_prompts(args) -> list:
+    prompts: list = list(args.prompts)
+    if args.input is not None:
+        if not args.input.is_file():
+            raise DiffutronError(f"input file {args.input} does not exist")
+        try:
+            lines = args.input.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise DiffutronError(f"{args.input} is not valid UTF-8 (byte {err.start}): save it as UTF-8") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise DiffutronError(f"{args.input}:{n}: not valid JSON") from None
+            if isinstance(row, str):
+                prompts.append(row)
+            elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
+                prompts.append(row["prompt"])
+            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+                prompts.append(row["messages"])
+            else:
+                raise DiffutronError(f'{args.input}:{n}: expected {{"prompt": str}} or {{"messages": [...]}}')
+    if not prompts:
+        raise DiffutronError("no prompt given: pass PROMPT text or --input prompts.jsonl")
+    if args.system:
+        prompts = [
+            [{"role": "system", "content": args.system}] + ([{"role": "user", "content": p}] if isinstance(p, str) else list(p))
+            for p in prompts
+        ]
+    return prompts
+
+
+def _check_utf8_argv(prompts) -> None:
+    for p in prompts:
+        if isinstance(p, str):
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DiffutronError("a prompt is not valid UTF-8: pass UTF-8 text") from None
+
+
+def run_generate(args) -> int:
+    config = sampler_config(args)
+    prompts = _read_prompts(args)
+    _check_utf8_argv(prompts)
+    if args.batch_size < 1:
+        raise DiffutronError("--batch-size must be >= 1")
+    lm = load_lm(args)
+    if args.fast:
+        lm.make_fast(args.fast)
+    results = []
+    for i in range(0, len(prompts), args.batch_size):
+        chunk = prompts[i : i + args.batch_size]
+        seeds = tuple(config.row_seeds(len(prompts))[i : i + len(chunk)])
+        results.extend(lm.generate(chunk, config.replace(seed=seeds), chat=not args.raw))
+    records = [
+        {"prompt": p if isinstance(p, str) else p[-1]["content"], "text": c.text, "token_ids": c.token_ids,
+         "nfe": c.nfe, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+         "completion_tokens": c.completion_tokens}
+        for p, c in zip(prompts, results)
+    ]
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.output.with_name(args.output.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        tmp.replace(args.output)
+    for r in records:
+        if args.format == "json":
+            print(json.dumps(r, ensure_ascii=False))
+        elif args.output is None:
+            print(r["text"])
+    return 0
+
+
+def run_chat(args) -> int:
+    config = sampler_config(args)
+    lm = load_lm(args)
+    if args.fast:
+        lm.make_fast(args.fast)
+    live = sys.stdout.isatty()
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"diffutron chat with {lm.name} ({config.steps} steps, block {config.block_length}); "
+          "empty line or Ctrl-D to quit, /reset to start over", file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            line = input("> " if live else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        width = shutil.get_terminal_size((100, 20)).columns
+
+        def show(step, canvas):
+            # The answer as it denoises: masked slots drawn as a shaded block.
+            ids = canvas[0, start:].tolist()
+            text = " ".join("░" if t == lm.mask_token_id else lm.tokenizer.decode([t]) for t in ids)
+            sys.stdout.write("\r\033[K" + text.replace("\n", " ")[: width - 1])
+            sys.stdout.flush()
+
+        start = len(lm.encode(lm.render(messages)))
+        try:
+            (answer,) = lm.generate([messages], config.replace(seed=config.seed + turn), callback=show if live else None)
+        except DiffutronError as err:
+            messages.pop()
+            print(f"diffutron: error: {err}", file=sys.stderr)
+            continue
+        if live:
+            sys.stdout.write("\r\033[K")
+        print(answer.text, flush=True)
+        messages.append({"role": "assistant", "content": answer.text})
+        turn += 1
+    return 0

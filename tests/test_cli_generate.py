@@ -1,0 +1,86 @@
+"""The generate / chat commands as a user runs them (subprocesses, exit codes, no tracebacks)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diffutron.cli import main
+
+
+def cli(*args, input=None, env=None):
+    return subprocess.run([sys.executable, "-m", "diffutron", *map(str, args)], capture_output=True, text=True,
+                          input=input, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_generate_json_and_output_file(saved_model_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Merhaba"}\n{"messages": [{"role": "user", "content": "Nasılsın?"}]}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    r = cli("generate", "--model", saved_model_dir, "--input", prompts, "--output", out, "--format", "json",
+            "--max-new-tokens", "8", "--steps", "8", "--block-length", "4", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2 and rows == [json.loads(line) for line in out.read_text().splitlines()]
+    for row in rows:
+        assert set(row) >= {"text", "token_ids", "nfe", "finish_reason"}
+        assert len(row["token_ids"]) <= 8
+
+
+def test_generate_matches_python_api(saved_model_dir, lm, capsys):
+    code = main(["generate", "--model", str(saved_model_dir), "--format", "json", "--max-new-tokens", "8",
+                 "--steps", "8", "--block-length", "4", "--seed", "3", "Türkiye'nin başkenti neresidir?"])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out)
+    from diffutron import SamplerConfig
+
+    (c,) = lm.generate("Türkiye'nin başkenti neresidir?", SamplerConfig(max_new_tokens=8, steps=8, block_length=4, seed=3))
+    assert row["token_ids"] == c.token_ids
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--steps", "0"], "steps=0"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "2"], "top_p"),
+    (["--threshold", "0"], "threshold"),
+    (["--block-length", "0"], "block_length"),
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+])
+def test_bad_settings_one_line_exit_2(saved_model_dir, args, msg):
+    r = cli("generate", "--model", saved_model_dir, *args, "Merhaba")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    err_lines = [line for line in r.stderr.splitlines() if line.startswith("diffutron: error")]
+    assert len(err_lines) == 1 and msg in err_lines[0]
+
+
+def test_bad_inputs(saved_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "\xff\xfe"}\n')
+    out = tmp_path / "never.jsonl"
+    for args, msg in [
+        (["--input", bad, "--output", out], "not valid UTF-8"),
+        (["  "], "empty prompt"),
+        (["Ankara " * 300], "exceeds the model's context"),
+        (["--model", tmp_path / "missing" / "a" / "b", "x"], "does not exist"),
+        ([], "no prompt given"),
+    ]:
+        r = cli("generate", *(["--model", saved_model_dir] if "--model" not in args else []), *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr and msg in r.stderr, (args, r.stderr)
+    assert not out.exists()
+
+
+def test_chat_multi_turn_from_stdin(saved_model_dir):
+    r = cli("chat", "--model", saved_model_dir, "--max-new-tokens", "4", "--steps", "4", "--block-length", "4",
+            "--system", "Kısa cevap ver.", input="Merhaba\nNasılsın?\n\n")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2  # one answer per turn
+
+
+def test_no_model_falls_back_and_says_so():
+    r = cli("generate", "--max-new-tokens", "4", "--steps", "4", "--block-length", "4", "Merhaba")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()

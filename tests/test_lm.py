@@ -1,0 +1,163 @@
+"""DiffusionLM: loading, saving, the chat template, high-level generation."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from diffutron import DiffusionLM, SamplerConfig
+from diffutron.backbone import CHAT_TEMPLATE, context_length
+from diffutron.errors import DiffutronError
+from diffutron.tiny import tiny_lm, tiny_model, tiny_tokenizer
+
+
+def test_chat_template_renders_reference_format(lm):
+    msgs = [
+        {"role": "system", "content": "  Yardımcı bir asistansın. "},
+        {"role": "user", "content": "Başkent neresi?\n"},
+        {"role": "assistant", "content": "Ankara."},
+        {"role": "user", "content": "Peki İzmir?"},
+    ]
+    text = lm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "[SYS]\nYardımcı bir asistansın.\n[/SYS]\n\n"
+        "[Question]\nBaşkent neresi?\n[/Question]\n\n"
+        "[Answer]\nAnkara.\n[/Answer]\n\n"
+        "[Question]\nPeki İzmir?\n[/Question]\n\n"
+        "[Answer]\n"
+    )
+    no_gen = lm.tokenizer.apply_chat_template(msgs[1:3], tokenize=False)
+    assert no_gen == "[Question]\nBaşkent neresi?\n[/Question]\n\n[Answer]\nAnkara.\n[/Answer]\n\n"
+
+
+def test_existing_chat_template_is_kept():
+    tok = tiny_tokenizer()
+    tok.chat_template = "{{ messages[0]['content'] }}"
+    lm = DiffusionLM(tiny_model(tok), tok)
+    assert lm.tokenizer.chat_template == "{{ messages[0]['content'] }}"
+
+
+def test_save_and_load_round_trip_same_logits(lm, saved_model_dir):
+    back = DiffusionLM.from_pretrained(saved_model_dir, device="cpu")
+    ids = torch.tensor([[12, 30, 41, 7]])
+    with torch.no_grad():
+        assert torch.allclose(lm.model(input_ids=ids).logits, back.model(input_ids=ids).logits, atol=1e-6)
+    assert back.tokenizer.chat_template == CHAT_TEMPLATE
+    assert back.name == saved_model_dir.name
+    assert back.model.dtype == torch.float32 and back.device.type == "cpu"
+    assert (saved_model_dir / "model.safetensors").exists()
+
+
+def test_plain_transformers_loads_saved_dir(saved_model_dir):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(saved_model_dir)
+    tok = AutoTokenizer.from_pretrained(saved_model_dir)
+    assert type(model).__name__ == "ModernBertForMaskedLM"
+    assert tok.apply_chat_template([{"role": "user", "content": "Merhaba"}], tokenize=False,
+                                   add_generation_prompt=True) == "[Question]\nMerhaba\n[/Question]\n\n[Answer]\n"
+
+
+def test_dtype_argument(saved_model_dir):
+    lm16 = DiffusionLM.from_pretrained(saved_model_dir, device="cpu", dtype="bfloat16")
+    assert lm16.model.dtype == torch.bfloat16
+
+
+def test_bert_architecture_loads_and_generates(tmp_path):
+    lm = tiny_lm(arch="bert")
+    lm.save_pretrained(tmp_path)
+    back = DiffusionLM.from_pretrained(tmp_path)
+    assert type(back.model).__name__ == "BertForMaskedLM"
+    (c,) = back.generate("Merhaba", max_new_tokens=4, steps=4, block_length=4)
+    assert c.completion_tokens <= 4
+
+
+def test_missing_dir_no_weights_pt_only_and_no_mask(tmp_path, saved_model_dir):
+    with pytest.raises(DiffutronError, match="does not exist"):
+        DiffusionLM.from_pretrained(str(tmp_path / "nope" / "deeper" / "x"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DiffutronError, match="no config.json"):
+        DiffusionLM.from_pretrained(empty)
+    noweights = tmp_path / "noweights"
+    shutil.copytree(saved_model_dir, noweights)
+    (noweights / "model.safetensors").unlink()
+    with pytest.raises(DiffutronError, match="no model.safetensors"):
+        DiffusionLM.from_pretrained(noweights)
+    (noweights / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(DiffutronError, match="safetensors only"):
+        DiffusionLM.from_pretrained(noweights)
+    nomask = tmp_path / "nomask"
+    shutil.copytree(saved_model_dir, nomask)
+    cfg_path = nomask / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["mask_token"] = None
+    cfg.get("extra_special_tokens", None)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(DiffutronError, match="no mask token"):
+        DiffusionLM.from_pretrained(nomask)
+
+
+def test_unknown_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
+    with pytest.raises(DiffutronError, match="no masked-LM head"):
+        DiffusionLM.from_pretrained(tmp_path)
+
+
+def test_offline_hub_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DiffutronError, match="cannot reach the Hugging Face hub"):
+        DiffusionLM.from_pretrained("diffutron/DiffutronLM-0.3B-Instruct")
+
+
+def test_context_length_is_min_of_positions_and_tokenizer():
+    tok = tiny_tokenizer(model_max_length=64)
+    model = tiny_model(tok, max_position_embeddings=128)
+    assert context_length(model, tok) == 64
+    tok.model_max_length = 10**30  # "unlimited" tokenizers
+    assert context_length(model, tok) == 128
+
+
+def test_generate_high_level(lm):
+    outs = lm.generate(["Türkiye'nin başkenti neresidir?", [{"role": "user", "content": "Merhaba"}]],
+                       max_new_tokens=8, steps=8, block_length=4, temperature=0.0)
+    assert len(outs) == 2
+    for c in outs:
+        assert c.finish_reason in ("stop", "length")
+        assert c.completion_tokens == len(c.token_ids) <= 8
+        assert c.nfe >= 1 and c.prompt_tokens > 3
+        assert "[MASK]" not in c.text and "[PAD]" not in c.text
+    single = lm.generate("Türkiye'nin başkenti neresidir?", max_new_tokens=8, steps=8, block_length=4, temperature=0.0)
+    assert single[0].token_ids == outs[0].token_ids
+
+
+def test_completion_cut_at_end_of_turn(lm):
+    tok = lm.tokenizer
+    end = tok.convert_tokens_to_ids("[/Answer]")
+    word = tok.convert_tokens_to_ids("Ankara")
+    answer, ended = lm.answer_ids([word, end, word])
+    assert answer == [word] and ended
+    answer, ended = lm.answer_ids([word, lm.mask_token_id, word])
+    assert answer == [word] and not ended
+
+
+def test_prompt_too_long_and_empty(lm):
+    with pytest.raises(DiffutronError, match="exceeds the model's context of 128"):
+        lm.generate("Ankara " * 200, max_new_tokens=8)
+    with pytest.raises(DiffutronError, match="empty prompt"):
+        lm.generate("   ")
+    with pytest.raises(DiffutronError, match="unknown role"):
+        lm.generate([[{"role": "robot", "content": "x"}]])
+    with pytest.raises(DiffutronError, match="max_new_tokens"):
+        lm.generate("Merhaba", max_new_tokens=0)
+
+
+def test_fast_modes_run(saved_model_dir):
+    for mode in ("bf16", "int8"):
+        lm = DiffusionLM.from_pretrained(saved_model_dir).make_fast(mode)
+        (c,) = lm.generate("Merhaba", max_new_tokens=4, steps=4, block_length=4)
+        assert c.completion_tokens <= 4

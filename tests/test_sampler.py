@@ -1,0 +1,202 @@
+"""The sampler against a straightforward implementation of the reference algorithm."""
+
+import itertools
+
+import pytest
+import torch
+
+from diffutron.errors import DiffutronError
+from diffutron.sampling import SamplerConfig, find_stop, generate, partial_stop_len
+from diffutron.sampling.policies import block_schedule
+
+from reference_sampler import oracle
+
+
+def run(lm, prompts, **kw):
+    ids, att = lm.batch(prompts)
+    return generate(lm.model, ids, SamplerConfig(**kw), mask_token_id=lm.mask_token_id,
+                    eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, attention_mask=att,
+                    stop_sequences=lm.stop_sequences)
+
+
+PROMPT = [12, 30, 41, 7, 19]
+
+GRID = list(itertools.product([8, 13, 32], [4, 8, 16], [1.0, 1.2], [0.0, 1.5]))  # steps, block, penalty, cfg
+
+
+@pytest.mark.parametrize("steps,block,penalty,cfg", GRID)
+def test_identical_to_reference_greedy(lm, steps, block, penalty, cfg):
+    gen = 16
+    expected, nfe = oracle(lm.model, PROMPT, mask_id=lm.mask_token_id, eos_id=lm.eos_token_id, steps=steps,
+                           gen_length=gen, block_length=block, repetition_penalty=penalty, cfg_scale=cfg)
+    out = run(lm, [PROMPT], max_new_tokens=gen, steps=steps, block_length=block, temperature=0.0,
+              repetition_penalty=penalty, cfg_scale=cfg, stop_at_eos=False)
+    assert out.sequences[0].tolist() == expected
+    assert out.nfe == nfe
+
+
+@pytest.mark.parametrize("remasking", ["margin", "entropy"])
+def test_identical_to_reference_other_confidences(lm, remasking):
+    expected, _ = oracle(lm.model, PROMPT, mask_id=lm.mask_token_id, eos_id=lm.eos_token_id, steps=12,
+                         gen_length=12, block_length=6, repetition_penalty=1.2, remasking=remasking)
+    out = run(lm, [PROMPT], max_new_tokens=12, steps=12, block_length=6, temperature=0.0,
+              repetition_penalty=1.2, remasking=remasking, stop_at_eos=False)
+    assert out.sequences[0].tolist() == expected
+
+
+def test_uneven_last_block_and_more_steps_than_tokens(lm):
+    expected, nfe = oracle(lm.model, PROMPT, mask_id=lm.mask_token_id, eos_id=lm.eos_token_id, steps=40,
+                           gen_length=10, block_length=4, repetition_penalty=1.2)
+    out = run(lm, [PROMPT], max_new_tokens=10, steps=40, block_length=4, temperature=0.0,
+              repetition_penalty=1.2, stop_at_eos=False)
+    assert out.sequences[0].tolist() == expected
+    assert out.nfe == nfe == 10  # k=0 steps cost no forward
+
+
+def test_block_schedule_rounds_half_to_even():
+    assert block_schedule(32, 32) == [1] * 32
+    assert block_schedule(32, 16) == [2] * 16
+    assert block_schedule(32, 64)[:4] == [0, 1, 0, 1] and sum(block_schedule(32, 64)) == 32
+    assert block_schedule(4, 3) == [1, 2, 1]
+    assert block_schedule(5, 3) == [2, 2, 1]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_ragged_batch_equals_each_prompt_alone(lm, temperature):
+    prompts = [[12, 30, 41, 7, 19, 22, 23, 24], [33, 8], [50, 51, 52, 53, 54]]
+    kw = dict(max_new_tokens=12, steps=12, block_length=4, temperature=temperature, stop_at_eos=False)
+    together = run(lm, prompts, seed=(5, 6, 7), **kw)
+    for r, p in enumerate(prompts):
+        alone = run(lm, [p], seed=(5 + r,), **kw)
+        n = len(p) + 12
+        assert together.sequences[r, :n].tolist() == alone.sequences[0, :n].tolist()
+        assert (together.sequences[r, n:] == lm.pad_token_id).all()
+
+
+def test_seed_reproduces_and_changes_sampled_tokens(lm):
+    kw = dict(max_new_tokens=16, steps=16, block_length=8, temperature=1.0, stop_at_eos=False)
+    a, b = run(lm, [PROMPT], seed=1, **kw), run(lm, [PROMPT], seed=1, **kw)
+    c = run(lm, [PROMPT], seed=2, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    assert not torch.equal(a.sequences, c.sequences)
+
+
+def test_top_k_one_equals_greedy_choice(lm):
+    greedy = run(lm, [PROMPT], max_new_tokens=8, steps=8, block_length=8, temperature=0.0, stop_at_eos=False)
+    topk1 = run(lm, [PROMPT], max_new_tokens=8, steps=8, block_length=8, temperature=5.0, top_k=1, stop_at_eos=False)
+    tiny_p = run(lm, [PROMPT], max_new_tokens=8, steps=8, block_length=8, temperature=5.0, top_p=1e-6, stop_at_eos=False)
+    assert torch.equal(greedy.sequences, topk1.sequences)
+    assert torch.equal(greedy.sequences, tiny_p.sequences)
+
+
+def test_infilling_masks_inside_the_input(lm):
+    m = lm.mask_token_id
+    prompt = [12, m, m, 41, 7, m, 19, m, m, m]
+    ids, att = lm.batch([prompt])
+    out = generate(lm.model, ids, SamplerConfig(max_new_tokens=0, steps=6, block_length=3, temperature=0.0),
+                   mask_token_id=m, eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id)
+    seq = out.sequences[0].tolist()
+    assert len(seq) == len(prompt)
+    assert m not in seq
+    assert [seq[i] for i in (0, 3, 4, 6)] == [12, 41, 7, 19]
+    # blocks start at the first mask: [1,4) [4,7) [7,10); 2 steps each, at most 1 forward per step
+    assert out.nfe <= 6
+
+
+def test_nothing_to_generate_is_an_error(lm):
+    ids, att = lm.batch([[12, 13]])
+    with pytest.raises(DiffutronError, match="nothing to generate"):
+        generate(lm.model, ids, SamplerConfig(max_new_tokens=0), mask_token_id=lm.mask_token_id)
+
+
+def test_threshold_never_costs_more_steps_and_tiny_threshold_commits_whole_blocks(lm):
+    kw = dict(max_new_tokens=16, steps=16, block_length=8, temperature=0.0, stop_at_eos=False)
+    exact = run(lm, [PROMPT], **kw)
+    fast = run(lm, [PROMPT], threshold=0.5, **kw)
+    assert fast.nfe <= exact.nfe
+    allin = run(lm, [PROMPT], threshold=1e-9, **kw)
+    assert allin.nfe == 2
+    assert lm.mask_token_id not in allin.sequences[0].tolist()
+
+
+def test_logits_only_at_committable_positions(lm):
+    rows = []
+    h = lm.model.decoder.register_forward_hook(lambda mod, i, o: rows.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
+    try:
+        out = run(lm, [PROMPT, PROMPT[:2]], max_new_tokens=12, steps=12, block_length=4, temperature=0.0, stop_at_eos=False)
+    finally:
+        h.remove()
+    assert len(rows) == out.nfe
+    # each forward reads only masked positions of the current blocks: at most 4 per row, shrinking
+    assert max(rows) <= 8 and rows[0] == 8 and rows[3] == 2
+
+
+def test_stop_at_eos_stops_row_and_saves_forwards(lm):
+    kw = dict(max_new_tokens=16, steps=16, block_length=4, temperature=0.0)
+    a, b = [12, 30, 41, 7, 19], [50, 51, 52]
+    full_a = run(lm, [a], stop_at_eos=False, **kw).sequences[0, len(a):].tolist()
+    full_b = run(lm, [b], stop_at_eos=False, **kw).sequences[0, len(b):].tolist()
+    # a stop "sequence" that appears in a's second block but nowhere in b's answer
+    stop_tok = next(t for t in full_a[4:8] if t not in full_b and t not in full_a[:4])
+    ids, att = lm.batch([a, b])
+    out = generate(lm.model, ids, SamplerConfig(stop_at_eos=True, **kw), mask_token_id=lm.mask_token_id,
+                   eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, attention_mask=att,
+                   stop_sequences=[[stop_tok]])
+    assert out.finish_reasons == ["stop", "length"]
+    row_a = out.sequences[0, len(a):len(a) + 16].tolist()
+    cut = full_a.index(stop_tok) + 1
+    assert row_a[:cut] == full_a[:cut] and all(t == lm.pad_token_id for t in row_a[cut:])
+    assert out.sequences[1, len(b):len(b) + 16].tolist() == full_b  # the other row is unaffected
+    forwards_a_alone = run(lm, [a], stop_at_eos=False, **kw).nfe
+    assert out.nfe == forwards_a_alone  # b still needs all its steps; a stopped after block 2
+    solo = generate(lm.model, torch.tensor([a]), SamplerConfig(stop_at_eos=True, **kw),
+                    mask_token_id=lm.mask_token_id, eos_token_id=lm.eos_token_id, stop_sequences=[[stop_tok]])
+    assert solo.nfe == 8 and solo.finish_reasons == ["stop"]
+
+
+def test_callback_sees_every_state_and_can_cancel(lm):
+    states = []
+
+    def cb(step, canvas):
+        states.append((step, canvas.clone()))
+        return [1] if step == 2 else None
+
+    ids, att = lm.batch([PROMPT, PROMPT[:3]])
+    out = generate(lm.model, ids, SamplerConfig(max_new_tokens=8, steps=8, block_length=4, temperature=0.0,
+                                                stop_at_eos=False), mask_token_id=lm.mask_token_id,
+                   eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, attention_mask=att, callback=cb)
+    assert [s for s, _ in states] == list(range(1, out.nfe + 1))
+    masks = [int((c[0] == lm.mask_token_id).sum()) for _, c in states]
+    assert masks == sorted(masks, reverse=True) and masks[-1] == 0 and masks[0] == 7
+    assert out.finish_reasons == ["length", "cancelled"]
+    assert lm.mask_token_id not in out.sequences[1].tolist()
+    alone = run(lm, [PROMPT], max_new_tokens=8, steps=8, block_length=4, temperature=0.0, stop_at_eos=False)
+    assert torch.equal(out.sequences[0], alone.sequences[0])
+
+
+def test_find_stop_and_partial_stop():
+    assert find_stop([5, 6, 1, 7], eos_token_id=1) == (2, 3)
+    assert find_stop([5, 8, 9, 1], eos_token_id=1, stop_sequences=[[8, 9]]) == (1, 3)
+    assert find_stop([5, 8, 4, 9], eos_token_id=1, stop_sequences=[[8, 9]], mask_token_id=4) is None
+    assert find_stop([5, 6], eos_token_id=None) is None
+    assert partial_stop_len([3, 8], [[8, 9, 10]]) == 1
+    assert partial_stop_len([8, 9], [[8, 9, 10]]) == 2
+    assert partial_stop_len([9, 3], [[8, 9, 10]]) == 0
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("steps", 0, "steps=0"), ("block_length", 0, "block_length=0"), ("temperature", -1.0, "temperature"),
+    ("top_p", 0.0, "top_p"), ("top_p", 1.5, "top_p"), ("threshold", 0.0, "threshold"), ("threshold", 1.5, "threshold"),
+    ("remasking", "best", "remasking"), ("max_new_tokens", -1, "max_new_tokens"), ("cfg_scale", -1.0, "cfg_scale"),
+    ("seed", -3, "seed"), ("repetition_penalty", 0.0, "repetition_penalty"),
+])
+def test_invalid_settings(field, value, msg):
+    with pytest.raises(DiffutronError, match=msg):
+        SamplerConfig(**{field: value})
+
+
+def test_row_seeds():
+    assert SamplerConfig(seed=3).row_seeds(3) == [3, 4, 5]
+    assert SamplerConfig(seed=[9, 1]).row_seeds(2) == [9, 1]
+    with pytest.raises(DiffutronError, match="one per row"):
+        SamplerConfig(seed=(1, 2)).row_seeds(3)
