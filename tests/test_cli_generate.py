@@ -84,3 +84,9 @@ def test_no_model_falls_back_and_says_so():
     r = cli("generate", "--max-new-tokens", "4", "--steps", "4", "--block-length", "4", "Merhaba")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
+
+
+def test_non_utf8_argv_prompt(saved_model_dir):
+    r = subprocess.run([sys.executable, "-m", "diffutron", "generate", "--model", str(saved_model_dir), b"caf\xe9"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not valid UTF-8" in r.stderr and "Traceback" not in r.stderr

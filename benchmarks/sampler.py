@@ -1,0 +1,144 @@
+"""Sampler benchmark: the optimised sampler vs the reference algorithm, and the fast modes.
+
+    .venv/bin/python benchmarks/sampler.py            # full run (~10 min on 2 CPU cores)
+    .venv/bin/python benchmarks/sampler.py --quick    # smaller shapes, a smoke run
+
+Reports times measured in this one run and their ratios, since absolute speed on a shared
+machine varies. Part 1 measures this machine's limits (matmul FLOP/s, streaming the 256k-row
+output matrix), part 2 compares ours with the reference on an mmBERT-small-shaped random model
+(greedy, repetition penalty 1.2: tokens must be identical), part 3 the approximate modes, part 4
+the user-facing figure: one 64-token answer with the paper's settings on DiffutronLM-0.3B's shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _models import EOS_ID, MASK_ID, random_mmbert  # noqa: E402
+from reference_sampler import oracle  # noqa: E402
+
+from diffutron.backbone import make_fast  # noqa: E402
+from diffutron.sampling import SamplerConfig, generate  # noqa: E402
+
+
+def best_of(fn, repeat=3):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def machine_limits(hidden: int, vocab: int) -> dict:
+    a = torch.randn(2048, 2048)
+    t, _ = best_of(lambda: a @ a, 5)
+    fp32 = 2 * 2048**3 / t
+    ab = a.bfloat16()
+    t, _ = best_of(lambda: ab @ ab, 5)
+    bf16 = 2 * 2048**3 / t
+    w = torch.randn(vocab, hidden)
+    x32 = torch.randn(32, hidden)
+    t_stream, _ = best_of(lambda: w.sum(), 5)
+    t_head, _ = best_of(lambda: x32 @ w.T, 5)
+    wb = w.bfloat16()
+    t_head_bf16, _ = best_of(lambda: x32.bfloat16() @ wb.T, 5)
+    return {"fp32_gflops": fp32 / 1e9, "bf16_gflops": bf16 / 1e9, "stream_ms": t_stream * 1e3,
+            "head32_ms": t_head * 1e3, "head32_bf16_ms": t_head_bf16 * 1e3,
+            "head32_peak_ms": 2 * 32 * hidden * vocab / fp32 * 1e3}
+
+
+def ours(model, prompt, cfg):
+    return generate(model, torch.tensor([prompt]), cfg, mask_token_id=MASK_ID, eos_token_id=EOS_ID, pad_token_id=0)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a == b).float().mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small vocab and steps: a smoke run")
+    ap.add_argument("--skip-base", action="store_true", help="skip part 4 (mmBERT-base shape)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    vocab = 32000 if args.quick else 256000
+    prompt_len, new, block, steps = (16, 16, 8, 16) if args.quick else (64, 64, 32, 64)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu count {os.cpu_count()}")
+
+    lim = machine_limits(384, vocab)
+    print("\n## 1. machine limits")
+    print(f"fp32 matmul {lim['fp32_gflops']:.0f} GFLOP/s, bf16 {lim['bf16_gflops']:.0f} GFLOP/s")
+    print(f"{vocab}x384 output matrix: stream once {lim['stream_ms']:.1f} ms; 32-row product "
+          f"{lim['head32_ms']:.1f} ms fp32 (peak-FLOP bound {lim['head32_peak_ms']:.1f} ms), {lim['head32_bf16_ms']:.1f} ms bf16")
+
+    model = random_mmbert("mmbert-small", vocab_size=vocab)
+    prompt = torch.randint(10, vocab, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    exact = SamplerConfig(max_new_tokens=new, steps=steps, block_length=block, temperature=0.0,
+                          repetition_penalty=1.2, stop_at_eos=False)
+    print(f"\n## 2. ours vs reference: mmBERT-small shape, vocab {vocab}, prompt {prompt_len}, "
+          f"{new} new tokens, block {block}, {steps} steps, greedy, repetition penalty 1.2")
+    with torch.inference_mode():  # warm-up: first calls allocate and pick kernels
+        model(input_ids=torch.tensor([prompt + [MASK_ID] * new]))
+        ours(model, prompt, exact.replace(steps=2, max_new_tokens=block))
+        t_ref, (ref_tokens, ref_nfe) = best_of(lambda: oracle(
+            model, prompt, mask_id=MASK_ID, eos_id=EOS_ID, steps=steps, gen_length=new, block_length=block,
+            repetition_penalty=1.2), 1)
+    t_ours, out = best_of(lambda: ours(model, prompt, exact), 2)
+    same = out.sequences[0].tolist() == ref_tokens
+    print(f"reference {t_ref:.2f} s ({ref_nfe} forwards, {t_ref / ref_nfe * 1e3:.0f} ms each)")
+    print(f"ours      {t_ours:.2f} s ({out.nfe} forwards, {t_ours / out.nfe * 1e3:.0f} ms each)")
+    print(f"speed-up  {t_ref / t_ours:.2f}x, tokens identical: {same}")
+    x = torch.tensor([prompt + [MASK_ID] * new])
+    with torch.inference_mode():
+        t_enc, _ = best_of(lambda: model.model(input_ids=x), 3)
+    print(f"encoder alone per forward {t_enc * 1e3:.0f} ms: our forward is {t_ours / out.nfe / t_enc:.2f}x the encoder")
+
+    print("\n## 3. approximate modes (same model and prompt; agreement = share of tokens equal to the exact output)")
+    print(f"{'mode':28s} {'NFE':>5s} {'time s':>8s} {'speed-up':>9s} {'agreement':>10s}")
+    base_seq = out.sequences[0]
+    rows = [("exact", model, exact)]
+    rows.append(("threshold 0.9", model, exact.replace(threshold=0.9)))
+    bf16 = make_fast(random_mmbert("mmbert-small", vocab_size=vocab), "bf16")
+    rows.append(("bf16 weights", bf16, exact))
+    rows.append(("bf16 + threshold 0.9", bf16, exact.replace(threshold=0.9)))
+    int8 = make_fast(random_mmbert("mmbert-small", vocab_size=vocab), "int8")
+    rows.append(("int8 dynamic", int8, exact))
+    for name, m, cfg in rows:
+        t, o = best_of(lambda: ours(m, prompt, cfg), 2)
+        print(f"{name:28s} {o.nfe:5d} {t:8.2f} {t_ours / t:8.2f}x {agreement(o.sequences[0], base_seq):10.3f}")
+    del bf16, int8
+
+    if args.skip_base:
+        return
+    print("\n## 4. user-facing: one 64-token answer, paper settings (64 steps, block 32, temperature 0.1, "
+          "repetition penalty 1.2) on DiffutronLM-0.3B's shape (mmBERT-base, random weights)")
+    base = random_mmbert("mmbert-base", vocab_size=vocab)
+    paper = SamplerConfig(max_new_tokens=new, steps=steps, block_length=block, stop_at_eos=False)
+    x = torch.tensor([prompt + [MASK_ID] * new])
+    with torch.inference_mode():
+        t_full, _ = best_of(lambda: base(input_ids=x), 2)
+        t_enc, _ = best_of(lambda: base.model(input_ids=x), 2)
+    print(f"one forward with full logits (reference) {t_full:.2f} s -> ~{t_full * steps:.0f} s per answer; "
+          f"encoder alone {t_enc:.2f} s")
+    ours(base, prompt, paper.replace(steps=2, max_new_tokens=block))  # warm-up
+    t_exact, o = best_of(lambda: ours(base, prompt, paper), 1)
+    print(f"ours, exact:                  {t_exact:6.1f} s ({o.nfe} forwards)")
+    t_thr, o = best_of(lambda: ours(base, prompt, paper.replace(threshold=0.9)), 1)
+    print(f"ours, threshold 0.9:          {t_thr:6.1f} s ({o.nfe} forwards)")
+    base = make_fast(base, "bf16")
+    t_fast, o = best_of(lambda: ours(base, prompt, paper.replace(threshold=0.9)), 1)
+    print(f"ours, --fast bf16 + threshold: {t_fast:6.1f} s ({o.nfe} forwards)")
+
+
+if __name__ == "__main__":
+    main()
