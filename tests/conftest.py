@@ -24,6 +24,9 @@ def model(tokenizer):
         for p in m.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+        # Like a trained MDLM (targets are never [MASK]), the model never predicts the mask token;
+        # the reference would commit [MASK] itself where it did, which our sampler never does.
+        m.decoder.bias[tokenizer.mask_token_id] = -1e4
     return m
 
 

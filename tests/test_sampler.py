@@ -200,3 +200,17 @@ def test_row_seeds():
     assert SamplerConfig(seed=[9, 1]).row_seeds(2) == [9, 1]
     with pytest.raises(DiffutronError, match="one per row"):
         SamplerConfig(seed=(1, 2)).row_seeds(3)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.5])
+def test_mask_token_is_never_a_candidate(lm, temperature):
+    import copy
+
+    model = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        model.decoder.bias[lm.mask_token_id] = 1e4  # the model "prefers" [MASK] everywhere
+    ids, att = lm.batch([PROMPT])
+    out = generate(model, ids, SamplerConfig(max_new_tokens=8, steps=8, block_length=4, temperature=temperature,
+                                             stop_at_eos=False), mask_token_id=lm.mask_token_id)
+    assert lm.mask_token_id not in out.sequences[0].tolist()
+    assert out.nfe == 8

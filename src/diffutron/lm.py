@@ -171,6 +171,7 @@ class DiffusionLM:
         *,
         chat: bool = True,
         callback=None,
+        stop: Sequence[str] = (),
         **overrides,
     ) -> list[Completion]:
         """Answer one prompt or a batch of prompts.
@@ -181,6 +182,7 @@ class DiffusionLM:
                 keyword overrides such as ``steps=32`` are applied on top.
             chat: apply the chat template (default) or continue raw text.
             callback: ``callback(step, canvas)`` for every intermediate canvas (see sampling).
+            stop: extra strings that end an answer (besides EOS and the end of turn).
 
         Returns:
             one ``Completion`` per prompt, in order.
@@ -198,8 +200,9 @@ class DiffusionLM:
             if config.max_new_tokens < 1 and not has_masks:
                 raise DiffutronError("max_new_tokens must be >= 1 (or the prompt must contain mask tokens to fill)")
             self.check_fits(len(toks), config.max_new_tokens)
-        out = self.generate_ids(token_lists, config, callback=callback)
-        return self.completions(out, token_lists)
+        stops = self.stop_sequences + self.stop_ids(stop) if stop else None
+        out = self.generate_ids(token_lists, config, callback=callback, stop_sequences=stops)
+        return self.completions(out, token_lists, stops)
 
     def generate_ids(
         self, token_lists: Sequence[Sequence[int]], config: SamplerConfig, *, callback=None,
@@ -221,6 +224,25 @@ class DiffusionLM:
             )
         finally:
             self.model.train(was_training)
+
+    def stop_ids(self, stop: Sequence[str] = ()) -> list[list[int]]:
+        """Token sequences of extra stop strings, each as written and after a space (where the
+        tokenizer marks word starts, e.g. SentencePiece); matching then happens on tokens.
+
+        Raises:
+            DiffutronError: a stop string with no tokens of its own in this vocabulary.
+        """
+        unk = self.tokenizer.unk_token_id
+        seqs: list[list[int]] = []
+        for s in stop:
+            variants = [self.encode(v) for v in (s, " " + s)]
+            if not s or not variants[0] or (unk is not None and unk in variants[0]):
+                raise DiffutronError(f"stop string {s!r} cannot be matched: it has no tokens of its own in "
+                                     "this model's vocabulary")
+            for v in variants:
+                if v and v not in seqs and (unk is None or unk not in v):
+                    seqs.append(v)
+        return seqs
 
     def answer_ids(
         self, tokens: Sequence[int], stop_sequences: Sequence[Sequence[int]] | None = None

@@ -200,7 +200,7 @@ def generate(
         gens = [generators[r] for r, _ in work]
         x0, conf = policies.propose(
             logits, local_rows, gens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-            remasking=cfg.remasking,
+            remasking=cfg.remasking, forbid=mask_token_id,
         )
         # 4. commit the most confident candidates of each row
         flat = target.nonzero()

@@ -71,18 +71,26 @@ def propose(
     top_k: int,
     top_p: float,
     remasking: str,
+    forbid: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate tokens x0 [N] and their confidence [N] (higher = commit first).
 
     x0 is the argmax at temperature 0, else a sample from softmax(filtered logits / temperature)
-    drawn with the row's own generator (so a row's draws do not depend on its batch).
-    Confidence is read from softmax(logits) without temperature.
+    drawn with the row's own generator (so a row's draws do not depend on its batch); the
+    ``forbid`` id (the mask token) is never a candidate, so a committed position is always
+    decoded. Confidence is read from softmax(logits) without temperature.
     """
     logits = logits.float()
     if temperature == 0:
         x0 = logits.argmax(-1)
+        if forbid is not None and bool((x0 == forbid).any()):
+            bad = x0 == forbid
+            x0[bad] = logits[bad].topk(2, dim=-1).indices[:, 1]
     else:
-        probs = filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(-1)
+        scaled = logits / temperature
+        if forbid is not None:
+            scaled[:, forbid] = float("-inf")
+        probs = filter_top_k_top_p(scaled, top_k, top_p).softmax(-1)
         x0 = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         for r in rows.unique().tolist():
             sel = (rows == r).nonzero().squeeze(-1)

@@ -202,19 +202,12 @@ class OpenAIService:
             raise ServiceError(422, str(err)) from None
 
     def stop_sequences(self, stops: list[str]) -> tuple[tuple[int, ...], ...]:
-        """Token sequences of the request's stop strings: as written and after a space (where the
-        tokenizer marks word starts, e.g. SentencePiece). Matching happens on tokens, in the model."""
-        unk = self.lm.tokenizer.unk_token_id
-        seqs: list[tuple[int, ...]] = []
-        for s in stops:
-            variants = [tuple(self.lm.encode(v)) for v in (s, " " + s)]
-            if not variants[0] or (unk is not None and unk in variants[0]):
-                raise ServiceError(422, f"stop string {s!r} cannot be matched: it has no tokens of its own in "
-                                   "this model's vocabulary", param="stop")
-            for v in variants:
-                if v and v not in seqs and (unk is None or unk not in v):
-                    seqs.append(v)
-        return tuple(seqs)
+        """Token sequences of the request's stop strings (``DiffusionLM.stop_ids``); matching
+        happens on tokens, in the sampler."""
+        try:
+            return tuple(tuple(ids) for ids in self.lm.stop_ids(stops))
+        except DiffutronError as err:
+            raise ServiceError(422, str(err), param="stop") from None
 
     # ---------------------------------------------------------------------------- running
     def submit(self, prep: Prepared) -> None:
