@@ -1,0 +1,229 @@
+"""Progressive recipes: one YAML file runs a whole pipeline of training stages, in order.
+
+::
+
+    name: my-pipeline
+    output_dir: runs/my-pipeline        # stage S writes to runs/my-pipeline/S
+    defaults: {seed: 42, mixed_precision: auto}      # any stage setting, for every stage
+    quick: {max_steps: 4}                # extra overrides for --quick (smoke runs)
+    stages:
+      - name: cpt
+        start: jhu-clsp/mmBERT-base      # a directory, a hub id, "previous", or {config:, tokenizer:}
+        data: {train: corpus/, kind: pretrain, max_length: 512}
+        method: lora
+        lora: {r: 256, alpha: 256, merge: true}
+      - name: sft
+        start: previous
+        data: {train: chat.jsonl, kind: instruct, max_length: 256}
+        epochs: 3
+
+Every stage key other than ``name`` and ``start`` is a :class:`~diffutron.training.config.TrainConfig`
+setting. The whole file is checked before any stage runs: unknown keys, wrong types, a start or a
+data file that does not exist fail with ``file:line: key: message``. Finished stages are skipped;
+an interrupted stage resumes from its newest complete checkpoint with ``resume=True``. Relative
+paths are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from ..data.rows import check_sources
+from ..errors import DiffutronError
+from .config import InitConfig, SettingError, TrainConfig, Where, build, read_yaml
+from .inputs import check_start
+from .checkpoint import RUN_RECORD, check_output, output_state
+from .loop import TrainResult, finished_result, train
+from .metrics import say
+
+TOP_KEYS = ("name", "description", "output_dir", "defaults", "quick", "stages")
+PREVIOUS = "previous"
+# what --quick changes in every stage unless the recipe's quick: mapping says otherwise
+QUICK_DEFAULTS = {"max_steps": 4, "batch_size": 2, "grad_accum": 1, "log_every": 1, "eval_sequences": 8,
+                  "save_every": 2, "data": {"max_rows": 200, "heldout_fraction": 0.1}}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class Stage:
+    """One stage of a recipe: its name, where it starts (for messages) and its training config."""
+
+    name: str
+    start: str
+    config: TrainConfig
+
+
+@dataclass
+class Recipe:
+    name: str
+    output_dir: Path
+    stages: list[Stage] = field(default_factory=list)
+    source: str = ""
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "config":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _quick(settings: dict, quick: dict) -> dict:
+    out = copy.deepcopy(settings)
+    for key, value in quick.items():
+        if isinstance(value, dict):
+            out[key] = _quick(out.get(key) or {}, value)
+        elif key in ("max_steps", "batch_size", "eval_sequences", "max_rows") and isinstance(out.get(key), int):
+            out[key] = min(out[key], value)  # shrink, never grow
+        else:
+            out[key] = value
+    return out
+
+
+def load_recipe(path: str | Path, *, quick: bool = False) -> Recipe:
+    """Read and check a recipe YAML; every stage becomes a validated :class:`TrainConfig`.
+
+    Raises:
+        DiffutronError: unknown keys, wrong types, duplicate stage names, ``previous`` in the first
+            stage, a start or data file that does not exist (with file, line and key).
+    """
+    data, where = read_yaml(path)
+    if not isinstance(data, dict):
+        raise DiffutronError(f"{path}: a recipe is a mapping with output_dir and stages")
+    for key in data:
+        if key not in TOP_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise where.error(str(key), f"{key}: unknown key{hint}; allowed: {', '.join(TOP_KEYS)}")
+    if not data.get("output_dir") or not isinstance(data["output_dir"], str):
+        raise where.error("output_dir", "output_dir: missing: say where the stages write (a directory)")
+    stages_raw = data.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise where.error("stages", "stages: give a list of at least one stage")
+    defaults = data.get("defaults") or {}
+    for key in ("defaults", "quick"):
+        if data.get(key) is not None:
+            if not isinstance(data[key], dict):
+                raise where.error(key, f"{key}: expected a mapping of stage settings")
+            build(TrainConfig, data[key], where, key)  # unknown keys and wrong types, with their own lines
+    quick_over = _merge(QUICK_DEFAULTS, data.get("quick") or {})
+    out_root = Path(data["output_dir"] + ("-quick" if quick else ""))
+    recipe = Recipe(name=str(data.get("name") or Path(path).stem), output_dir=out_root, source=str(path))
+    names: set[str] = set()
+    for i, raw in enumerate(stages_raw):
+        key = f"stages[{i}]"
+        if not isinstance(raw, dict):
+            raise where.error(key, f"{key}: expected a mapping with name, start, data, ...")
+        raw = dict(raw)
+        name = raw.pop("name", None)
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise where.error(f"{key}.name" if name is not None else key,
+                              f"{key}.name: give each stage a name of letters, digits, '.', '_' or '-'")
+        if name in names:
+            raise where.error(f"{key}.name", f"{key}.name: {name!r} is used by an earlier stage")
+        names.add(name)
+        start = raw.pop("start", None)
+        for forbidden in ("model", "init", "output_dir"):
+            if forbidden in raw:
+                raise where.error(f"{key}.{forbidden}", f"{key}.{forbidden}: set the start with start: (and the "
+                                  "output with the recipe's output_dir)")
+        settings = _merge(defaults, raw)
+        if quick:
+            settings = _quick(settings, quick_over)
+        config = build(TrainConfig, settings, where, key)
+        model, init, start_text = _start(start, i, recipe, where, key)
+        try:
+            config = config.replace(model=model, init=init, output_dir=str(out_root / name))
+        except SettingError as err:
+            raise where.error(f"{key}.{err.key}", f"{key}.{err.key}: {err.message}") from None
+        if config.data.train is None:
+            raise where.error(f"{key}.data", f"{key}.data.train: missing: name the stage's training data")
+        try:
+            if start_text != PREVIOUS:
+                check_start(config.model, config.init, key=f"{key}.start")
+            check_sources(config.data.train, f"{key}.data.train")
+            check_sources(config.data.heldout, f"{key}.data.heldout")
+        except DiffutronError as err:
+            sub = str(err).split(":", 1)[0]
+            raise where.error(sub, str(err)) from None
+        recipe.stages.append(Stage(name, start_text, config))
+    return recipe
+
+
+def _start(start, i: int, recipe: Recipe, where: Where, key: str):
+    """``(model, init, text)`` of a stage's start."""
+    if start is None:
+        raise where.error(key, f"{key}.start: missing: a model directory, a hub id, 'previous' or "
+                               "{config: ..., tokenizer: ...} for a fresh model")
+    if isinstance(start, dict):
+        return None, build(InitConfig, start, where, f"{key}.start"), "fresh"
+    if not isinstance(start, str):
+        raise where.error(f"{key}.start", f"{key}.start: expected a path, a hub id, 'previous' or a mapping")
+    if start == PREVIOUS:
+        if i == 0:
+            raise where.error(f"{key}.start", f"{key}.start: the first stage has no previous stage to start from")
+        return recipe.stages[i - 1].config.output_dir, None, PREVIOUS
+    return start, None, start
+
+
+def _settings_changed(stage_dir: Path, config: TrainConfig) -> list[str]:
+    record = stage_dir / RUN_RECORD
+    if not record.is_file():
+        return []
+    try:
+        old = json.loads(record.read_text(encoding="utf-8")).get("config", {})
+    except ValueError:
+        return []
+    new = config.to_dict()
+    ignore = {"progress", "log_every", "tensorboard", "keep_last", "save_every", "eval_every"}
+    return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+
+
+def run_recipe(
+    path: str | Path,
+    *,
+    quick: bool = False,
+    resume: bool = False,
+    evaluators: Sequence[Callable] | Mapping[str, Sequence[Callable]] = (),
+) -> list[TrainResult]:
+    """Run every stage of a recipe in order; returns one :class:`TrainResult` per stage.
+
+    Finished stages are skipped (with a note when their settings changed since). An interrupted
+    stage continues from its newest checkpoint when ``resume`` is set, and fails with a message
+    saying so otherwise. ``evaluators`` (a list for every stage, or ``{stage name: list}``) add
+    held-out metrics, see :func:`~diffutron.training.train`.
+
+    Raises:
+        DiffutronError: an invalid recipe (nothing runs), or a stage's own errors.
+    """
+    recipe = load_recipe(path, quick=quick)
+    # an interrupted stage without --resume is found before any stage runs
+    if not resume:
+        for stage in recipe.stages:
+            if output_state(Path(stage.config.output_dir)) == "interrupted":
+                check_output(Path(stage.config.output_dir), resume=False)  # raises: pass --resume
+    results = []
+    for n, stage in enumerate(recipe.stages, 1):
+        out = Path(stage.config.output_dir)
+        header = f"stage {n}/{len(recipe.stages)} {stage.name!r}"
+        state = output_state(out)
+        if state == "finished":
+            changed = _settings_changed(out, stage.config)
+            note = f" (settings changed since: {', '.join(changed)}; delete {out} to train it again)" if changed else ""
+            say(f"{header}: already finished in {out}, skipped{note}")
+            results.append(finished_result(out))
+            continue
+        say(f"{header}: start {stage.start}, {stage.config.method}, output {out}")
+        stage_evals = evaluators.get(stage.name, ()) if isinstance(evaluators, Mapping) else evaluators
+        results.append(train(stage.config, resume=resume and state == "interrupted", evaluators=stage_evals))
+    return results

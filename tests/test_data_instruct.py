@@ -1,0 +1,158 @@
+"""Instruction data: formats, chat-template rendering, what is maskable, padding, splits."""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import pytest
+import torch
+
+from diffutron.data.instruct import build_instruct, encode_conversations, split_rows
+from diffutron.errors import DiffutronError
+from diffutron.tiny import tiny_tokenizer
+from diffutron.training.config import DataConfig
+
+Q = "Türkiye'nin başkenti neresidir?"
+A = "Türkiye'nin başkenti Ankara'dır."
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def cfg(path, **kw):
+    base = dict(train=path if isinstance(path, list) else str(path), kind="instruct", max_length=48, heldout_fraction=0.0)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def decode(tok, ids):
+    return tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def test_alpaca_json_with_bom_renders_the_reference_user_turn(tmp_path, tok):
+    rows = [{"instruction": "Soru sordu.", "input": "Ankara", "output": A},
+            {"instruction": Q, "input": "", "output": A}]
+    f = tmp_path / "llamaturk.json"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, ensure_ascii=False, indent=1).encode("utf-8"))
+    train, _, report = build_instruct(tok, cfg(f))
+    assert report.formats == {"alpaca": 2} and len(train) == 2
+    expected0 = tok.apply_chat_template(
+        [{"role": "user", "content": "Soru sordu.\n\nAnkara"}, {"role": "assistant", "content": A}], tokenize=False)
+    ids0, start0 = train.row(0)
+    assert ids0.tolist() == tok.encode(expected0, add_special_tokens=False)
+    prompt1 = tok.apply_chat_template([{"role": "user", "content": Q}], tokenize=False, add_generation_prompt=True)
+    ids1, start1 = train.row(1)
+    assert ids1[:start1].tolist() == tok.encode(prompt1, add_special_tokens=False)
+
+
+def test_only_the_final_answer_and_its_closing_marker_are_maskable(tmp_path, tok):
+    conv = [{"role": "system", "content": "Kısa cevap ver."}, {"role": "user", "content": "Bugün hava?"},
+            {"role": "assistant", "content": "Bugün hava çok güzel."}, {"role": "user", "content": Q},
+            {"role": "assistant", "content": A}]
+    f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conv}])
+    for padding in ("pad_as_target", "exclude"):
+        train, _, _ = build_instruct(tok, cfg(f, padding=padding, max_length=80))
+        batch = train.batch([0])
+        ids, maskable = batch.input_ids[0], batch.maskable[0]
+        real = batch.attention_mask[0].bool() if padding == "exclude" else ids != tok.pad_token_id
+        assert ids[maskable & real].tolist() == tok.encode(A + "\n[/Answer]\n\n", add_special_tokens=False)
+        prompt = decode(tok, ids[~maskable & real])
+        assert "Bugün hava çok güzel" in prompt and "[SYS]" in prompt and A.split()[-1] not in prompt.split()
+        first_masked = int(maskable.nonzero()[0])
+        assert not maskable[:first_masked].any()  # the prompt never
+
+
+def test_instructurca_rows_and_format_per_file(tmp_path, tok):
+    f = write_jsonl(tmp_path / "instructurca.jsonl", [{"Input": Q, "Output": A}, {"Input": "Bugün hava?", "Output": "Güzel."}])
+    g = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": Q}, {"role": "assistant", "content": A}]}])
+    train, _, report = build_instruct(tok, cfg([str(f), str(g)]))
+    assert report.formats == {"instructurca": 2, "chat": 1} and len(train) == 3
+    assert train.row(0)[0].tolist() == train.row(2)[0].tolist()  # same conversation, two formats
+
+
+def test_padding_policies(tmp_path, tok):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": Q, "output": A}, {"instruction": Q, "output": "Ankara"}])
+    train, _, _ = build_instruct(tok, cfg(f, max_length=40, pad_weight=0.25))
+    b = train.batch([0, 1])
+    lengths = [len(train.row(i)[0]) for i in (0, 1)]
+    assert b.input_ids.shape == (2, 40) and b.attention_mask.all()  # reference: attention runs over padding
+    for r in range(2):
+        assert b.maskable[r, lengths[r]:].all()  # padding is a target
+        assert (b.input_ids[r, lengths[r]:] == tok.pad_token_id).all()
+        assert torch.equal(b.target_weight[r, lengths[r]:], torch.full((40 - lengths[r],), 0.25))
+        assert (b.target_weight[r, :lengths[r]] == 1).all()
+    ex = type(train)(train.ids, train.offsets, train.answer_start, max_length=40, pad_id=tok.pad_token_id,
+                     padding="exclude")
+    e = ex.batch([0, 1])
+    assert e.input_ids.shape == (2, max(lengths)) and e.target_weight is None
+    assert not e.maskable[1, lengths[1]:].any() and not e.attention_mask[1, lengths[1]:].any()
+
+
+def test_long_prompts_dropped_and_long_answers_cut(tmp_path, tok):
+    long_q = " ".join([Q] * 10)
+    f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": long_q, "output": A},
+                                           {"instruction": Q, "output": " ".join([A] * 10)},
+                                           {"instruction": Q, "output": A}])
+    train, _, report = build_instruct(tok, cfg(f, max_length=30))
+    assert report.dropped_prompt_too_long == 1 and report.truncated_answers == 1 and len(train) == 2
+    assert len(train.row(0)[0]) == 30  # cut on the right, at max_length
+    assert "dropped" in report.summary() and "cut" in report.summary()
+    with pytest.raises(DiffutronError, match=r"no usable instruction rows \(1 prompts longer"):
+        build_instruct(tok, cfg(write_jsonl(tmp_path / "b.jsonl", [{"instruction": long_q, "output": A}]), max_length=30))
+
+
+def test_heldout_split_matches_datasets_train_test_split(tmp_path, tok):
+    from datasets import Dataset
+
+    n = 37
+    ds = Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=0.1, seed=42)
+    train_idx, test_idx = split_rows(n, 0.1, 42)
+    assert ds["test"]["i"] == test_idx.tolist() and ds["train"]["i"] == train_idx.tolist()
+    rows = [{"instruction": f"{Q} {i}", "output": A} for i in range(n)]
+    train, held, report = build_instruct(tok, cfg(write_jsonl(tmp_path / "a.jsonl", rows), heldout_fraction=0.1))
+    assert report.examples == 33 and report.heldout_examples == 4 and len(held) == 4
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": Q, "answer": A}, r"a\.jsonl:2: no 'messages' field \(fields: question, answer\)"),
+    ({"instruction": Q, "output": 3}, r"a\.jsonl:2: field 'output' must be text, got int"),
+    ({"messages": [{"role": "user", "content": Q}]}, r"a\.jsonl:2: the last message must be the assistant's"),
+    ({"messages": [{"role": "bot", "content": Q}]}, r"a\.jsonl:2: messages\[0\] has role 'bot'"),
+    ({"Input": Q, "Output": ""}, r"a\.jsonl:2: field 'Output' is empty"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, tok, row, message):
+    first = {"messages": [{"role": "user", "content": Q}, {"role": "assistant", "content": A}]}
+    if "instruction" in row:
+        first = {"instruction": Q, "output": A}
+    if "Input" in row:
+        first = {"Input": Q, "Output": A}
+    f = write_jsonl(tmp_path / "a.jsonl", [first, row, first])
+    with pytest.raises(DiffutronError, match=message):
+        build_instruct(tok, cfg(f))
+    train, _, report = build_instruct(tok, cfg(f, skip_bad_rows=True))
+    assert report.bad_rows == 1 and len(train) == 2
+
+
+def test_unknown_format_and_empty_file(tmp_path, tok):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"question": Q, "answer": A}])
+    with pytest.raises(DiffutronError, match=r"a\.jsonl:1: unknown instruction format \(fields: answer, question\)"):
+        build_instruct(tok, cfg(f))
+    (tmp_path / "e.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(DiffutronError, match=r"e\.jsonl is empty"):
+        build_instruct(tok, cfg(tmp_path / "e.jsonl"))
+
+
+def test_encoding_splits_exactly_at_the_prompt(tok):
+    convs = [[{"role": "user", "content": Q}, {"role": "assistant", "content": A}]]
+    (prompt, answer), = encode_conversations(tok, convs)
+    text = tok.apply_chat_template(convs[0], tokenize=False)
+    assert prompt + answer == tok.encode(text, add_special_tokens=False)
+    assert answer == tok.encode(A + "\n[/Answer]\n\n", add_special_tokens=False)
+    assert np.asarray(prompt).size and decode(tok, prompt).rstrip().endswith("[Answer]")

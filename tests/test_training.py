@@ -1,0 +1,338 @@
+"""The training loop: learning, LoRA merge, SFT masking, accumulation, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffutron.cli import main as cli_main
+from diffutron.errors import DiffutronError
+from diffutron.lm import DiffusionLM
+from diffutron.tiny import SAMPLE_TEXTS, tiny_model, tiny_tokenizer
+from diffutron.training import DataConfig, LoraSettings, TrainConfig, train
+from diffutron.training import loop as loop_module
+from diffutron.training.checkpoint import latest_checkpoint, list_checkpoints
+from diffutron.training.config import build, load_train_config
+from diffutron.training.loop import lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny model directory, a pre-training corpus and a chat file (made here, seeded)."""
+    d = tmp_path_factory.mktemp("train")
+    tok = tiny_tokenizer()
+    DiffusionLM(tiny_model(tok, seed=0), tok).save_pretrained(d / "base")
+    rng = random.Random(0)
+    with open(d / "corpus.jsonl", "w", encoding="utf-8") as fh:
+        for _ in range(240):
+            fh.write(json.dumps({"text": " ".join(rng.sample(SAMPLE_TEXTS, 3))}, ensure_ascii=False) + "\n")
+    with open(d / "chat.jsonl", "w", encoding="utf-8") as fh:
+        for i in range(60):
+            q, a = SAMPLE_TEXTS[i % 6], SAMPLE_TEXTS[6 + i % 6]
+            fh.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+                                ensure_ascii=False) + "\n")
+    return d
+
+
+def pretrain_config(files, out, **kw) -> TrainConfig:
+    base = dict(model=str(files / "base"), output_dir=str(out), max_steps=30, batch_size=8, lr=1e-2, warmup_steps=2,
+                log_every=5, save_every=None, progress=False,
+                data=DataConfig(train=str(files / "corpus.jsonl"), max_length=32, heldout_fraction=0.1))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    assert lr_factor(0, 100, 10, "cosine", 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 100, 10, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_factor(77, 100, 0, "constant", 0.0) == 1.0
+
+
+def test_stage_yaml_is_strict_and_names_file_line_and_key(tmp_path):
+    y = tmp_path / "stage.yaml"
+    y.write_text("lr: 1e-4\nmethod: lora\nlora:\n  r: 8\n  rank: 4\n", encoding="utf-8")
+    with pytest.raises(DiffutronError, match=r"stage\.yaml:5: lora\.rank: unknown key \(did you mean 'r'\?\)"):
+        load_train_config(y)
+    y.write_text("lr: 1e-4\nbatch_size: eight\n", encoding="utf-8")
+    with pytest.raises(DiffutronError, match=r"stage\.yaml:2: batch_size: expected int, got str 'eight'"):
+        load_train_config(y)
+    y.write_text("data:\n  padding: left\n", encoding="utf-8")
+    with pytest.raises(DiffutronError, match=r"stage\.yaml:2: data\.padding: 'left' is not one of pad_as_target, exclude"):
+        load_train_config(y)
+    y.write_text("lr: 1e-4\nlora: {target_modules: all-linear}\ndata: {train: [a.jsonl, b.jsonl]}\n", encoding="utf-8")
+    config = load_train_config(y, max_steps=7)
+    assert config.lr == 1e-4 and config.lora.target_modules == "all-linear" and config.max_steps == 7
+    assert config.data.train == ["a.jsonl", "b.jsonl"]
+    with pytest.raises(DiffutronError, match=r"warmup_ratio: 2.0 must be >= 0.0 and <= 1.0"):
+        build(TrainConfig, {"warmup_ratio": 2})
+
+
+def test_full_pretraining_lowers_heldout_loss_and_writes_a_loadable_model(files, tmp_path):
+    out = tmp_path / "run"
+    result = train(pretrain_config(files, out, eval_every=15))
+    losses = [r["heldout_loss"] for r in result.heldout]
+    assert [r["step"] for r in result.heldout] == [0, 15, 30]
+    assert losses[-1] < losses[1] < losses[0] - 0.3, losses  # same seeded draws each time: a paired comparison
+    assert all(r["heldout_loss_stderr"] > 0 and r["heldout_ppl"] > 1 for r in result.heldout)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["kind"] == "train"]
+    assert [x["step"] for x in train_lines] == [5, 10, 15, 20, 25, 30]
+    assert all(x["tokens_per_s"] > 0 and x["lr"] > 0 and x["grad_norm"] is not None for x in train_lines)
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("step,epoch,kind,loss")
+    assert json.loads((out / "train_state.json").read_text())["finished"] is True
+    record = json.loads((out / "diffutron_training.json").read_text())
+    assert record["saved_as"] == "full" and record["config"]["lr"] == 1e-2
+    lm = DiffusionLM.from_pretrained(out, device="cpu")
+    assert lm.generate("Bugün hava", steps=4, max_new_tokens=4)[0].finish_reason in ("stop", "length")
+    with pytest.raises(DiffutronError, match="already holds a finished model"):
+        train(pretrain_config(files, out))
+    assert train(pretrain_config(files, out), resume=True).already_finished
+
+
+def test_lora_merge_reproduces_the_adapted_model(files, tmp_path):
+    out = tmp_path / "lora"
+    train(pretrain_config(files, out, method="lora", lora=LoraSettings(r=4, alpha=8, dropout=0.0), lr=2e-2,
+                          max_steps=8, eval_at_start=False))
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    adapted = DiffusionLM.from_pretrained(out, device="cpu")  # unmerged adapter on its base
+    assert hasattr(adapted.model, "peft_config")
+    assert cli_main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
+    merged = DiffusionLM.from_pretrained(tmp_path / "merged", device="cpu")
+    base = DiffusionLM.from_pretrained(files / "base", device="cpu")
+    assert not hasattr(merged.model, "peft_config")
+    ids = torch.tensor([adapted.encode(" ".join(SAMPLE_TEXTS[:3]))])
+    with torch.no_grad():
+        a, m, b = (x.model(input_ids=ids).logits for x in (adapted, merged, base))
+    assert torch.allclose(a, m, atol=1e-5), (a - m).abs().max()
+    assert (a - b).abs().max() > 1e-3  # the adapter did change the model
+    with pytest.raises(DiffutronError) as err:
+        cli_main_raise(["merge", str(out), "--output", str(tmp_path / "merged")])
+    assert "not empty" in str(err.value)
+
+
+def cli_main_raise(argv):
+    """Run a subcommand's function directly so its DiffutronError propagates."""
+    from diffutron.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+@pytest.mark.parametrize("arch, lora, weighted", [("modernbert", False, False), ("modernbert", True, True),
+                                                  ("bert", False, True)])
+def test_fused_loss_equals_mdlm_loss_in_value_and_gradients(arch, lora, weighted):
+    from diffutron.objective import mdlm_loss
+    from diffutron.training.fused_loss import _fused_output, fused_mdlm_loss, output_layer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, arch=arch, seed=3).eval()  # no dropout: both losses see the same network
+    if lora:
+        from diffutron.training import apply_lora
+
+        model = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+    assert output_layer(model) is not None
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(tok), (3, 20), generator=g)
+    maskable = torch.ones_like(ids, dtype=torch.bool)
+    maskable[0, :7] = False
+    att = torch.ones_like(ids)
+    att[2, 15:] = 0
+    maskable[2, 15:] = False
+    t = torch.tensor([0.9, 0.3, 0.6])
+    noise = (torch.rand(ids.shape, generator=g) < t[:, None]) & maskable
+    weight = torch.rand(ids.shape, generator=g) if weighted else None
+    grads = []
+    for fn in (mdlm_loss, fused_mdlm_loss):
+        model.zero_grad(set_to_none=True)
+        loss = fn(model, ids, maskable, mask_token_id=tok.mask_token_id, attention_mask=att, t=t, noise_mask=noise,
+                  target_weight=weight)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref, ref_g), (got, got_g) = grads
+    assert got == pytest.approx(ref, rel=1e-5)
+    assert ref_g.keys() == got_g.keys() and ref_g
+    for n in ref_g:
+        assert torch.allclose(ref_g[n], got_g[n], atol=1e-6, rtol=1e-4), n
+    # chunked: tiny chunks give the same result
+    import diffutron.training.fused_loss as fl
+
+    old = fl._CHUNK_ELEMENTS
+    fl._CHUNK_ELEMENTS = len(tok) * 2  # two rows per chunk
+    try:
+        again = fused_mdlm_loss(model, ids, maskable, mask_token_id=tok.mask_token_id, attention_mask=att, t=t,
+                                noise_mask=noise, target_weight=weight)
+    finally:
+        fl._CHUNK_ELEMENTS = old
+    assert again.item() == pytest.approx(ref, rel=1e-5)
+    # nothing masked: an exact zero that still reaches every trainable parameter
+    model.zero_grad(set_to_none=True)
+    zero = fused_mdlm_loss(model, ids, maskable, mask_token_id=tok.mask_token_id, t=t, noise_mask=torch.zeros_like(noise))
+    zero.backward()
+    assert zero.item() == 0.0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert _fused_output  # the swap is undone:
+    assert "forward" not in vars(output_layer(model))
+
+
+def test_sft_never_masks_the_prompt(files, tmp_path, monkeypatch):
+    seen = []
+    real = loop_module.fused_mdlm_loss
+
+    def spy(model, input_ids, maskable, **kw):
+        seen.append((input_ids.clone(), kw["noise_mask"].clone(), maskable.clone()))
+        return real(model, input_ids, maskable, **kw)
+
+    monkeypatch.setattr(loop_module, "fused_mdlm_loss", spy)
+    cfg = pretrain_config(files, tmp_path / "sft", max_steps=6, batch_size=4, eval_at_start=False,
+                          data=DataConfig(train=str(files / "chat.jsonl"), max_length=40, heldout_fraction=0.1))
+    result = train(cfg)
+    assert result.data_report["kind"] == "instruct"
+    answer_marker = tiny_tokenizer().convert_tokens_to_ids("[Answer]")
+    masked = 0
+    for ids, noise, maskable in seen:
+        assert not (noise & ~maskable).any()
+        for r in range(ids.shape[0]):
+            start = int((ids[r] == answer_marker).nonzero().max()) + 1  # the answer begins after the last [Answer]
+            assert not noise[r, :start].any() and not maskable[r, :start].any()
+            assert maskable[r, start:].all()  # answer, closing marker and padding (pad_as_target)
+            masked += int(noise[r].sum())
+    assert masked > 0
+
+
+def test_gradient_accumulation_and_reruns_match_exactly(files, tmp_path):
+    common = dict(max_steps=4, eval_at_start=False, data=DataConfig(train=str(files / "corpus.jsonl"), max_length=32,
+                                                                   heldout_fraction=0.0))
+    train(pretrain_config(files, tmp_path / "a", batch_size=4, **common))
+    train(pretrain_config(files, tmp_path / "b", batch_size=4, **common))
+    train(pretrain_config(files, tmp_path / "c", batch_size=2, grad_accum=2, **common))
+    a, b, c = (weights(tmp_path / x) for x in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # seeded: bit for bit
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)  # same data and noise, summed differently
+    assert any(not torch.equal(a[k], weights(files / "base")[k]) for k in a)
+
+
+def _cli_env():
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(ROOT / "src"))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(files, tmp_path):
+    stage = tmp_path / "stage.yaml"
+    stage.write_text(
+        "max_steps: 60\nbatch_size: 4\nlr: 3.0e-3\nsave_every: 3\nkeep_last: 2\nlog_every: 4\neval_every: 20\n"
+        "progress: false\nmethod: lora\nlora: {r: 4, alpha: 8, dropout: 0.1, merge: true}\n"
+        "data: {max_length: 32, heldout_fraction: 0.1}\n", encoding="utf-8")
+    args = ["--model", str(files / "base"), "--data", str(files / "corpus.jsonl"), "--config", str(stage)]
+    # 1. the reference: never interrupted
+    ref = tmp_path / "ref"
+    config = load_train_config(stage, model=str(files / "base"), output_dir=str(ref),
+                               **{"data.train": str(files / "corpus.jsonl")})
+    train(config)
+    # 2. the same run in a process killed with SIGKILL once it has written a few checkpoints
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "diffutron", "train", *args, "--output", str(out)]
+    proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        found = latest_checkpoint(out)
+        if found and found[0] >= 12:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (out / "train_state.json").exists()
+    killed_at = latest_checkpoint(out)[0]
+    assert 12 <= killed_at < 60 and len(list_checkpoints(out)) <= 3  # keep_last, + one not yet pruned
+    # a half-written checkpoint is never picked up
+    (out / "checkpoints" / "step-00000059").mkdir()  # no trainer_state.json: incomplete
+    (out / "checkpoints" / ".tmp-step-00000058").mkdir()
+    # 3. without --resume the directory is refused; with it the run continues and finishes
+    assert cli_main(["train", *args, "--output", str(out)]) == 2
+    resumed = train(replace(config, output_dir=str(out)), resume=True)
+    assert resumed.resumed_from == killed_at
+    ref_w, out_w = weights(ref), weights(out)
+    assert ref_w.keys() == out_w.keys()
+    assert all(torch.equal(ref_w[k], out_w[k]) for k in ref_w), "resumed weights differ"
+    # the metric lines are those of the uninterrupted run (timings aside)
+    def lines(d):
+        return [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "elapsed_s")}
+                for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert lines(out) == lines(ref)
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(files, tmp_path, capsys):
+    out = tmp_path / "never"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "bir"}\n{"text": "iki"\n', encoding="utf-8")
+    cases = [
+        (["--data", str(tmp_path / "missing.jsonl")], r"data.train: data file .*missing.jsonl does not exist"),
+        (["--data", str(bad)], r"bad.jsonl:2: not valid JSON"),
+        (["--data", str(files / "corpus.jsonl"), "--model", str(tmp_path / "nomodel")],
+         r"model: start model directory .*nomodel does not exist"),
+        (["--data", str(files / "corpus.jsonl"), "--resume"], r"no complete checkpoint to resume from"),
+    ]
+    for extra, message in cases:
+        argv = ["train", "--model", str(files / "base"), "--output", str(out), "--max-steps", "2", "--no-progress"]
+        argv += extra
+        if "--model" in extra:
+            argv = argv[:1] + argv[3:]
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("diffutron: error: "), err
+        assert __import__("re").search(message, err[0]), err[0]
+        assert not out.exists()
+    y = tmp_path / "stage.yaml"
+    y.write_text("max_steps: 2\nlearning_rate: 0.1\n", encoding="utf-8")
+    assert cli_main(["train", "--model", str(files / "base"), "--data", str(files / "corpus.jsonl"),
+                     "--output", str(out), "--config", str(y)]) == 2
+    err = capsys.readouterr().err
+    assert "stage.yaml:2: learning_rate: unknown key" in err and not out.exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine", encoding="utf-8")
+    assert cli_main(["train", "--model", str(files / "base"), "--data", str(files / "corpus.jsonl"),
+                     "--output", str(foreign)]) == 2
+    assert "not empty" in capsys.readouterr().err and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_resume_refuses_other_settings(files, tmp_path):
+    out = tmp_path / "r"
+    cfg = pretrain_config(files, out, max_steps=4, save_every=2, eval_at_start=False)
+    train(cfg)
+    (out / "train_state.json").unlink()  # as if killed after its last checkpoint
+    with pytest.raises(DiffutronError, match=r"trained with other settings \(lr: 0.01 -> 0.03\)"):
+        train(replace(cfg, lr=3e-2), resume=True)
+    assert train(cfg, resume=True).resumed_from == 4
+    assert (out / "train_state.json").is_file()
+
+
+def test_bf16_mixed_precision_runs_on_cpu(files, tmp_path):
+    result = train(pretrain_config(files, tmp_path / "bf16", max_steps=2, mixed_precision="bf16", eval_at_start=False))
+    assert result.final_loss is not None and result.final_loss == result.final_loss  # finite, not NaN
