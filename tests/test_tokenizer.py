@@ -132,7 +132,7 @@ def test_training_report(trained):
 
 def test_user_errors(tmp_path, trained):
     root, _, _ = trained
-    with pytest.raises(DiffutronError, match="vocab_size must be between 8000 and 32000"):
+    with pytest.raises(DiffutronError, match="vocab_size must be between 1000 and 262144"):
         train_tokenizer(root / "corpus", tmp_path / "t", vocab_size=500)
     with pytest.raises(DiffutronError, match="corpus build"):
         train_tokenizer(tmp_path / "none", tmp_path / "t")

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("tokenizer", help="train the Unigram tokenizer on the corpus's training split")
     p.add_argument("--corpus", default=None, help="corpus directory (default: <cache>/corpus)")
     p.add_argument("--out", default=None, help="output directory (default: <cache>/tokenizer)")
-    p.add_argument("--vocab-size", type=int, default=16384, help="final vocabulary size, 8000-32000 (default 16384)")
+    p.add_argument("--vocab-size", type=int, default=16384, help="final vocabulary size, 1000-262144; 8k-16k suits this corpus (default 16384)")
     p.add_argument("--domains", nargs="+", default=None, metavar="DOMAIN",
                    help="train on these domains or groups only (prose, technical, lexical; default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

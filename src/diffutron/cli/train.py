@@ -10,7 +10,7 @@ from ..errors import DiffutronError
 def register(sub) -> None:
     p = sub.add_parser(
         "train", help="train one stage (continual pre-training or instruction tuning, full or LoRA)",
-        description="Train one stage. Settings come from --config (a stage YAML, see docs/training.md); "
+        description="Train one stage. Settings come from --config (a stage YAML, see the README); "
                     "the flags below override it. Multi-GPU: launch with torchrun or accelerate launch.")
     p.add_argument("--model", default=None, help="start model: directory, LoRA adapter directory or hub id")
     p.add_argument("--data", default=None, help="training data: .txt/.jsonl/.json/.parquet files, a directory, "
@@ -42,7 +42,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_train)
 
     r = sub.add_parser("recipe", help="run or check a multi-stage training recipe (YAML)",
-                       description="Progressive training pipelines; see docs/training.md for the YAML schema.")
+                       description="Progressive training pipelines; see the README for the YAML schema.")
     rsub = r.add_subparsers(dest="recipe_command", metavar="ACTION")
     rsub.required = True
     run = rsub.add_parser("run", help="run every stage in order (finished stages are skipped)")

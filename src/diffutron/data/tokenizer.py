@@ -136,8 +136,8 @@ def train_tokenizer(corpus_dir: str | Path | None = None, out_dir: str | Path | 
     Raises:
         DiffutronError: bad ``vocab_size``, no corpus, or an empty training split.
     """
-    if not 8000 <= vocab_size <= 32000:
-        raise DiffutronError(f"vocab_size must be between 8000 and 32000, got {vocab_size}")
+    if not 1000 <= vocab_size <= 262144:
+        raise DiffutronError(f"vocab_size must be between 1000 and 262144 (8k-16k suits this corpus), got {vocab_size}")
     corpus_root = Path(corpus_dir) if corpus_dir is not None else default_corpus_dir()
     out = atomic_output_dir(out_dir if out_dir is not None else default_tokenizer_dir(), TOKENIZER_INFO).check()
     texts = [d["text"] for d in iter_corpus("train", corpus_root, domains)]

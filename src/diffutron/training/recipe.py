@@ -39,9 +39,12 @@ from .config import InitConfig, SettingError, TrainConfig, Where, build, read_ya
 from .inputs import check_start
 from .checkpoint import RUN_RECORD, check_output, output_state
 from .loop import TrainResult, finished_result, train
+from .export import ExportConfig, export
 from .metrics import say
+from .prepare import PrepareConfig, paths, prepare, substitute
+from .task_metric import MetricConfig, task_evaluator
 
-TOP_KEYS = ("name", "description", "output_dir", "defaults", "quick", "stages")
+TOP_KEYS = ("name", "description", "output_dir", "defaults", "quick", "stages", "prepare", "export")
 PREVIOUS = "previous"
 # what --quick changes in every stage unless the recipe's quick: mapping says otherwise
 QUICK_DEFAULTS = {"max_steps": 4, "batch_size": 2, "grad_accum": 1, "log_every": 1, "eval_sequences": 8,
@@ -56,6 +59,7 @@ class Stage:
     name: str
     start: str
     config: TrainConfig
+    metric: MetricConfig | None = None
 
 
 @dataclass
@@ -64,6 +68,15 @@ class Recipe:
     output_dir: Path
     stages: list[Stage] = field(default_factory=list)
     source: str = ""
+    prepare: PrepareConfig | None = None
+    where: dict = field(default_factory=dict)  # ${corpus}, ${tasks}, ${tokenizer}, ${data}
+    export: ExportConfig | None = None
+    quick: bool = False
+
+    def pending(self, path) -> bool:
+        """A path that ``prepare`` will create but that does not exist yet (not checked now)."""
+        return (path is not None and self.prepare is not None and not Path(str(path)).exists()
+                and any(str(path).startswith(v) for v in self.where.values()))
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -118,7 +131,20 @@ def load_recipe(path: str | Path, *, quick: bool = False) -> Recipe:
             build(TrainConfig, data[key], where, key)  # unknown keys and wrong types, with their own lines
     quick_over = _merge(QUICK_DEFAULTS, data.get("quick") or {})
     out_root = Path(data["output_dir"] + ("-quick" if quick else ""))
-    recipe = Recipe(name=str(data.get("name") or Path(path).stem), output_dir=out_root, source=str(path))
+    recipe = Recipe(name=str(data.get("name") or Path(path).stem), output_dir=out_root, source=str(path), quick=quick)
+    for key, cls in (("prepare", PrepareConfig), ("export", ExportConfig)):
+        if data.get(key) is not None:
+            if not isinstance(data[key], dict):
+                raise where.error(key, f"{key}: expected a mapping")
+            try:
+                value = cls.from_mapping(data[key], quick=quick) if cls is PrepareConfig else cls.from_mapping(data[key])
+            except (TypeError, DiffutronError) as err:
+                raise where.error(key, str(err) if isinstance(err, DiffutronError) else f"{key}: {err}") from None
+            setattr(recipe, key, value)
+    if recipe.prepare is not None:
+        recipe.where = paths(recipe.prepare, out_root / "data", quick=quick)
+        defaults = substitute(defaults, recipe.where)
+        stages_raw = substitute(stages_raw, recipe.where)
     names: set[str] = set()
     for i, raw in enumerate(stages_raw):
         key = f"stages[{i}]"
@@ -133,6 +159,14 @@ def load_recipe(path: str | Path, *, quick: bool = False) -> Recipe:
             raise where.error(f"{key}.name", f"{key}.name: {name!r} is used by an earlier stage")
         names.add(name)
         start = raw.pop("start", None)
+        metric = raw.pop("metric", None)
+        if metric is not None:
+            if not isinstance(metric, dict):
+                raise where.error(f"{key}.metric", f"{key}.metric: expected a mapping (tasks, split, limit, ...)")
+            metric.setdefault("tasks_dir", recipe.where.get("tasks"))
+            metric = MetricConfig.from_mapping(metric, key)
+            if quick:
+                metric = MetricConfig(**{**metric.__dict__, "limit": min(metric.limit, 16)})
         for forbidden in ("model", "init", "output_dir"):
             if forbidden in raw:
                 raise where.error(f"{key}.{forbidden}", f"{key}.{forbidden}: set the start with start: (and the "
@@ -149,15 +183,22 @@ def load_recipe(path: str | Path, *, quick: bool = False) -> Recipe:
         if config.data.train is None:
             raise where.error(f"{key}.data", f"{key}.data.train: missing: name the stage's training data")
         try:
-            if start_text != PREVIOUS:
+            tok = config.init.tokenizer if config.init is not None else None
+            if start_text != PREVIOUS and not recipe.pending(tok):
                 check_start(config.model, config.init, key=f"{key}.start")
-            check_sources(config.data.train, f"{key}.data.train")
-            check_sources(config.data.heldout, f"{key}.data.heldout")
+            if not any(recipe.pending(p) for p in _as_list(config.data.train)):
+                check_sources(config.data.train, f"{key}.data.train")
+            if not any(recipe.pending(p) for p in _as_list(config.data.heldout)):
+                check_sources(config.data.heldout, f"{key}.data.heldout")
         except DiffutronError as err:
             sub = str(err).split(":", 1)[0]
             raise where.error(sub, str(err)) from None
-        recipe.stages.append(Stage(name, start_text, config))
+        recipe.stages.append(Stage(name, start_text, config, metric))
     return recipe
+
+
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 def _start(start, i: int, recipe: Recipe, where: Where, key: str):
@@ -206,7 +247,12 @@ def run_recipe(
     Raises:
         DiffutronError: an invalid recipe (nothing runs), or a stage's own errors.
     """
+    import time
+
+    began = time.perf_counter()
     recipe = load_recipe(path, quick=quick)
+    if recipe.prepare is not None:
+        prepare(recipe.prepare, recipe.where, log=say)
     # an interrupted stage without --resume is found before any stage runs
     if not resume:
         for stage in recipe.stages:
@@ -224,6 +270,13 @@ def run_recipe(
             results.append(finished_result(out))
             continue
         say(f"{header}: start {stage.start}, {stage.config.method}, output {out}")
-        stage_evals = evaluators.get(stage.name, ()) if isinstance(evaluators, Mapping) else evaluators
+        stage_evals = list(evaluators.get(stage.name, ()) if isinstance(evaluators, Mapping) else evaluators)
+        if stage.metric is not None:
+            stage_evals.append(task_evaluator(stage.metric))
         results.append(train(stage.config, resume=resume and state == "interrupted", evaluators=stage_evals))
+    if recipe.export is not None:
+        target = recipe.output_dir / "export" if quick or not recipe.export.dir else Path(recipe.export.dir)
+        ran_all = not any(r.already_finished for r in results)
+        export(recipe.export, target, recipe=recipe, results=results, corpus_dir=recipe.where.get("corpus"),
+               wall_seconds=time.perf_counter() - began if ran_all else None, log=say)
     return results
