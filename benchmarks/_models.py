@@ -12,15 +12,16 @@ SHAPES = {
 }
 
 
-def random_mmbert(shape: str, *, vocab_size: int = 256000, max_position_embeddings: int = 8192, seed: int = 0):
-    """A ModernBertForMaskedLM of the given shape with random N(0, 0.02) weights, eval mode."""
+def random_mmbert(shape: str | dict, *, vocab_size: int = 256000, max_position_embeddings: int = 8192, seed: int = 0):
+    """A ModernBertForMaskedLM with random N(0, 0.02) weights, eval mode; ``shape`` is a name of
+    ``SHAPES`` or a mapping of hidden_size, num_hidden_layers, num_attention_heads, intermediate_size."""
     from transformers import ModernBertConfig, ModernBertForMaskedLM
     from transformers.initialization import no_init_weights
 
     config = ModernBertConfig(
         vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, local_attention=128,
         global_attn_every_n_layers=3, pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=1,
-        sep_token_id=1, **SHAPES[shape],
+        sep_token_id=1, **(SHAPES[shape] if isinstance(shape, str) else shape),
     )
     with no_init_weights():
         model = ModernBertForMaskedLM(config)

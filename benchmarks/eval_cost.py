@@ -28,6 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _models import random_mmbert  # noqa: E402
 
 from diffutron.evaluation.reference_scheme import reference_loglikelihood  # noqa: E402
 from diffutron.lm import DiffusionLM  # noqa: E402
@@ -39,28 +42,9 @@ SPECIALS = {"[PAD]": 0, "[SEP]": 1, "[CLS]": 2, "[UNK]": 3, "[MASK]": 4}
 
 def build_model(layers: int, hidden: int, seed: int = 0):
     """A ModernBertForMaskedLM with random N(0, 0.02) weights, built without the slow HF init."""
-    from transformers import ModernBertConfig, ModernBertForMaskedLM
-    from transformers.initialization import no_init_weights
-
-    config = ModernBertConfig(
-        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
-        intermediate_size=2 * hidden, max_position_embeddings=1024, local_attention=128,
-        global_attn_every_n_layers=3, pad_token_id=0, eos_token_id=1, sep_token_id=1, cls_token_id=2,
-        bos_token_id=2,
-    )
-    with no_init_weights():
-        model = ModernBertForMaskedLM(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02, generator=g)
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    model.tie_weights()
-    return model.eval()
+    shape = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                 intermediate_size=2 * hidden)
+    return random_mmbert(shape, vocab_size=VOCAB, max_position_embeddings=1024, seed=seed)
 
 
 def build_tokenizer():
