@@ -214,3 +214,25 @@ def test_mask_token_is_never_a_candidate(lm, temperature):
                                              stop_at_eos=False), mask_token_id=lm.mask_token_id)
     assert lm.mask_token_id not in out.sequences[0].tolist()
     assert out.nfe == 8
+
+
+def test_sampling_follows_softmax_over_temperature_and_never_the_forbidden_id():
+    from diffutron.sampling.policies import propose
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]]).repeat(4000, 1)
+    rows = torch.zeros(4000, dtype=torch.long)
+    x0, _ = propose(logits, rows, [torch.Generator().manual_seed(0)], temperature=2.0, top_k=0, top_p=1.0,
+                    remasking="low_confidence", forbid=4)
+    freq = torch.bincount(x0, minlength=5).float() / 4000
+    expected = torch.softmax(logits[0, :4] / 2.0, -1)
+    assert freq[4] == 0
+    assert torch.allclose(freq[:4], expected, atol=0.03)
+
+
+def test_repetition_penalty_touches_only_present_ids_of_each_row():
+    from diffutron.sampling.policies import apply_repetition_penalty
+
+    logits = torch.tensor([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0], [4.0, -4.0, 1.0]])
+    present = torch.tensor([[True, True, False], [False, False, True]])
+    out = apply_repetition_penalty(logits.clone(), present, torch.tensor([0, 0, 1]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0], [1.0, -4.0, 1.0], [4.0, -4.0, 0.5]]

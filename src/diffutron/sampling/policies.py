@@ -40,12 +40,18 @@ def apply_repetition_penalty(
     """Penalise token ids on each row's canvas: positive logits / p, negative logits * p.
 
     ``present`` is bool [n_rows, V]; ``rows`` maps each of the N logit rows to its canvas row.
+    Only the columns of ids that are present are touched (a few hundred of 256k), in place.
     """
     if penalty == 1.0:
         return logits
-    hit = present[rows]
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(hit, penalised, logits)
+    for r in rows.unique().tolist():
+        ids = present[r].nonzero().squeeze(-1)  # [k]
+        if ids.numel() == 0:
+            continue
+        sel = (rows == r).nonzero()  # [n_r, 1]
+        block = logits[sel, ids]  # [n_r, k]
+        logits[sel, ids] = torch.where(block > 0, block / penalty, block * penalty)
+    return logits
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -90,12 +96,15 @@ def propose(
         scaled = logits / temperature
         if forbid is not None:
             scaled[:, forbid] = float("-inf")
-        probs = filter_top_k_top_p(scaled, top_k, top_p).softmax(-1)
-        x0 = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        # inverse-CDF sampling: one uniform per position from the row's own generator (a zero-
+        # probability id, e.g. the forbidden one, is never picked: right=True skips flat steps)
+        cdf = filter_top_k_top_p(scaled, top_k, top_p).softmax(-1).double().cumsum(-1)  # [N, V]
+        u = torch.empty(logits.shape[0], dtype=torch.float64)
         for r in rows.unique().tolist():
-            sel = (rows == r).nonzero().squeeze(-1)
-            draw = torch.multinomial(probs[sel].cpu(), 1, generator=generators[r]).squeeze(-1)
-            x0[sel] = draw.to(logits.device)
+            sel = (rows == r).nonzero().squeeze(-1).cpu()
+            u[sel] = torch.rand(sel.numel(), generator=generators[r], dtype=torch.float64)
+        u = u.to(logits.device) * cdf[:, -1]
+        x0 = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
     if remasking == "low_confidence":
         conf = (logits.gather(-1, x0[:, None]).squeeze(-1) - logits.logsumexp(-1)).exp()
     elif remasking == "margin":
