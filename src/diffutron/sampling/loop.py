@@ -174,6 +174,7 @@ def generate(
         width = max(lengths[r] for r, _ in work)
         x = canvas[sel, :width]
         att = attention[sel, :width]
+        model_att = None if bool(att.all()) else att  # no padding: the model's faster unmasked path
         # 1. the positions this step may commit: masks inside each row's current block  [n, w]
         cols = torch.arange(width, device=device)
         lo = torch.tensor([rows[r].blocks[rows[r].block][0] for r, _ in work], device=device)
@@ -182,11 +183,12 @@ def generate(
         # 2. logits there only; CFG runs the prompt-masked canvas in the same batch  [N, V]
         if cfg.cfg_scale > 0:
             uncond = torch.where(prompt_index[sel, :width], torch.full_like(x, mask_token_id), x)
-            both = logits_at(model, torch.cat([x, uncond]), torch.cat([target, target]), torch.cat([att, att]))
+            both = logits_at(model, torch.cat([x, uncond]), torch.cat([target, target]),
+                             None if model_att is None else torch.cat([att, att]))
             cond, unc = both.float().chunk(2)
             logits = unc + (cfg.cfg_scale + 1.0) * (cond - unc)
         else:
-            logits = logits_at(model, x, target, att).float()
+            logits = logits_at(model, x, target, model_att).float()
         nfe += 1
         local_rows = target.nonzero()[:, 0]  # [N] index into the work list
         # 3. repetition penalty over each row's canvas (not mask, not EOS, not padding)
