@@ -148,6 +148,9 @@ def load_backbone(
     """
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every load is noise
 
     local = _is_local(name_or_path)
     path = Path(os.path.expanduser(name_or_path)) if local else None

@@ -137,8 +137,6 @@ def export(cfg: ExportConfig, target: Path, *, recipe, results, corpus_dir: str 
     source = results[-1].output_dir
     lm = DiffusionLM.from_pretrained(source, device="cpu")
     sampler = SamplerConfig(max_new_tokens=64, steps=64, block_length=32)
-    samples = [{"prompt": p, "text": c.text, "finish_reason": c.finish_reason}
-               for p, c in zip(cfg.prompts, lm.generate(cfg.prompts, sampler))] if cfg.prompts else []
     params = sum(p.numel() for p in lm.model.parameters())
     stats = None
     if corpus_dir and (Path(corpus_dir) / "stats.json").is_file():
@@ -149,6 +147,9 @@ def export(cfg: ExportConfig, target: Path, *, recipe, results, corpus_dir: str 
     try:
         lm.model.to(getattr(torch, cfg.dtype))
         lm.save_pretrained(tmp)
+        shipped = DiffusionLM.from_pretrained(tmp, device="cpu")  # samples from the stored weights, as users load them
+        samples = [{"prompt": p, "text": c.text, "finish_reason": c.finish_reason}
+                   for p, c in zip(cfg.prompts, shipped.generate(cfg.prompts, sampler))] if cfg.prompts else []
         card = write_card(tmp, recipe=recipe, results=results, corpus_stats=stats, samples=samples,
                           sampler=sampler.to_dict(), params=params, wall_seconds=wall_seconds)
         if target.exists():
