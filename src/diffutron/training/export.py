@@ -22,24 +22,20 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DiffutronError
+from .config import SettingError
 
 
 @dataclass
 class ExportConfig:
+    """The ``export:`` mapping of a recipe (loaded strictly by ``config.build``)."""
+
     dir: str | None = None
     dtype: str = "float16"
     prompts: list[str] = field(default_factory=list)
 
-    @classmethod
-    def from_mapping(cls, raw: dict) -> "ExportConfig":
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise DiffutronError(f"export.{unknown[0]}: unknown key; allowed: {', '.join(sorted(allowed))}")
-        if raw.get("dtype", "float16") not in ("float16", "bfloat16", "float32"):
-            raise DiffutronError("export.dtype: use float16, bfloat16 or float32")
-        return cls(**raw)
+    def __post_init__(self):
+        if self.dtype not in ("float16", "bfloat16", "float32"):
+            raise SettingError("dtype", f"{self.dtype!r} is not one of float16, bfloat16, float32")
 
 
 def _metric_cells(first: dict, last: dict) -> tuple[str, str]:

@@ -22,7 +22,7 @@ folder of the exported groups: ``${data}/cpt/train.jsonl``, ``${data}/cpt/valida
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DiffutronError
@@ -30,6 +30,8 @@ from ..errors import DiffutronError
 
 @dataclass
 class PrepareConfig:
+    """The ``prepare:`` mapping of a recipe (loaded strictly by ``config.build``)."""
+
     corpus: str | None = None
     tasks: str | None = None
     tokenizer: str | None = None
@@ -40,20 +42,6 @@ class PrepareConfig:
     max_heldout_per_task: int = 400
     groups: dict[str, list[str]] = field(default_factory=dict)
     quick: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_mapping(cls, raw: dict, *, quick: bool = False) -> "PrepareConfig":
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise DiffutronError(f"prepare.{unknown[0]}: unknown key; allowed: {', '.join(sorted(allowed))}")
-        cfg = cls(**raw)
-        if quick and cfg.quick:
-            bad = sorted(set(cfg.quick) - allowed - {"quick"})
-            if bad:
-                raise DiffutronError(f"prepare.quick.{bad[0]}: unknown key")
-            cfg = replace(cfg, **cfg.quick)
-        return cfg
 
 
 def paths(cfg: PrepareConfig, data_dir: Path, *, quick: bool = False) -> dict[str, str]:

@@ -27,6 +27,7 @@ paths are relative to the working directory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -132,15 +133,13 @@ def load_recipe(path: str | Path, *, quick: bool = False) -> Recipe:
     quick_over = _merge(QUICK_DEFAULTS, data.get("quick") or {})
     out_root = Path(data["output_dir"] + ("-quick" if quick else ""))
     recipe = Recipe(name=str(data.get("name") or Path(path).stem), output_dir=out_root, source=str(path), quick=quick)
-    for key, cls in (("prepare", PrepareConfig), ("export", ExportConfig)):
-        if data.get(key) is not None:
-            if not isinstance(data[key], dict):
-                raise where.error(key, f"{key}: expected a mapping")
-            try:
-                value = cls.from_mapping(data[key], quick=quick) if cls is PrepareConfig else cls.from_mapping(data[key])
-            except (TypeError, DiffutronError) as err:
-                raise where.error(key, str(err) if isinstance(err, DiffutronError) else f"{key}: {err}") from None
-            setattr(recipe, key, value)
+    if data.get("prepare") is not None:
+        recipe.prepare = build(PrepareConfig, data["prepare"], where, "prepare")
+        if quick and recipe.prepare.quick:  # --quick overrides, checked as strictly as the rest
+            recipe.prepare = build(PrepareConfig, {**data["prepare"], **recipe.prepare.quick, "quick": {}},
+                                   where, "prepare")
+    if data.get("export") is not None:
+        recipe.export = build(ExportConfig, data["export"], where, "export")
     if recipe.prepare is not None:
         recipe.where = paths(recipe.prepare, out_root / "data", quick=quick)
         defaults = substitute(defaults, recipe.where)
@@ -161,12 +160,9 @@ def load_recipe(path: str | Path, *, quick: bool = False) -> Recipe:
         start = raw.pop("start", None)
         metric = raw.pop("metric", None)
         if metric is not None:
-            if not isinstance(metric, dict):
-                raise where.error(f"{key}.metric", f"{key}.metric: expected a mapping (tasks, split, limit, ...)")
-            metric.setdefault("tasks_dir", recipe.where.get("tasks"))
-            metric = MetricConfig.from_mapping(metric, key)
-            if quick:
-                metric = MetricConfig(**{**metric.__dict__, "limit": min(metric.limit, 16)})
+            metric = build(MetricConfig, metric, where, f"{key}.metric")
+            metric = dataclasses.replace(metric, tasks_dir=metric.tasks_dir or recipe.where.get("tasks"),
+                                         limit=min(metric.limit, 16) if quick else metric.limit)
         for forbidden in ("model", "init", "output_dir"):
             if forbidden in raw:
                 raise where.error(f"{key}.{forbidden}", f"{key}.{forbidden}: set the start with start: (and the "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import DiffutronError
 from ..sampling import SamplerConfig
 
 
@@ -34,14 +33,6 @@ class MetricConfig:
     block_length: int = 32
     batch_size: int = 32
     tasks_dir: str | None = None
-
-    @classmethod
-    def from_mapping(cls, raw: dict, key: str) -> "MetricConfig":
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise DiffutronError(f"{key}.metric.{unknown[0]}: unknown key; allowed: {', '.join(sorted(allowed))}")
-        return cls(**raw)
 
 
 def balanced(rows: list[dict], limit: int) -> list[dict]:
