@@ -32,6 +32,24 @@ def draw_noise(
     return (u < p_mask[:, None].to(maskable.device)) & maskable
 
 
+def token_weights(
+    t: torch.Tensor,
+    noise_mask: torch.Tensor,
+    maskable: torch.Tensor,
+    *,
+    schedule: str = "linear",
+    target_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each masked token's share of the batch loss, w(t_i) / N_i / b (x its target weight): [N]
+    in the row-major order of ``noise_mask``. The loss is ``sum_j token_weights_j * CE_j``."""
+    rows = noise_mask.nonzero()[:, 0]
+    n_maskable = maskable.sum(dim=1).clamp(min=1).float()
+    weights = get_schedule(schedule).weight(t.float())[rows] / n_maskable[rows] / noise_mask.shape[0]
+    if target_weight is not None:
+        weights = weights * target_weight.float()[noise_mask]
+    return weights
+
+
 def mdlm_loss(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -70,7 +88,6 @@ def mdlm_loss(
         raise DiffutronError(f"maskable has shape {tuple(maskable.shape)}, input_ids {tuple(input_ids.shape)}")
     maskable = maskable.bool()
     b = input_ids.shape[0]
-    sched = get_schedule(schedule)
     # 1. one time per sequence  [B]
     if t is None:
         t = sample_t(b, eps=eps, method=t_sampling, generator=generator, device=input_ids.device)
@@ -84,13 +101,8 @@ def mdlm_loss(
     logits = logits_at(model, noisy, noise_mask, attention_mask)
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    # 4. weighted cross-entropy per masked token  [N]
+    # 4. cross-entropy per masked token, weighted by w(t_i) / N_i / b: the per-sequence sum over
+    #    its maskable length, averaged over the batch  [N] -> []
     ce = F.cross_entropy(logits.float(), input_ids[noise_mask], reduction="none")
-    rows = noise_mask.nonzero()[:, 0]
-    term = sched.weight(t)[rows] * ce
-    if target_weight is not None:
-        term = term * target_weight.to(term.dtype)[noise_mask]
-    # 5. per-sequence sum / maskable length, mean over the batch
-    per_seq = torch.zeros(b, dtype=term.dtype, device=term.device).index_add(0, rows, term)
-    n_maskable = maskable.sum(dim=1).clamp(min=1).to(term.dtype)
-    return (per_seq / n_maskable).sum() / b
+    weights = token_weights(t, noise_mask, maskable, schedule=schedule, target_weight=target_weight)
+    return (weights.to(ce.device) * ce).sum()

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from ..backbone import encoder_of, logits_at, unwrap
-from ..objective import mdlm_loss
-from ..schedules import get_schedule
+from ..objective import mdlm_loss, token_weights
 
 _CHUNK_ELEMENTS = 1 << 25  # rows per chunk = this / vocab size (32M floats = 128 MB per [chunk, V] block)
 
@@ -121,19 +120,13 @@ def fused_mdlm_loss(
     if layer is None:
         return mdlm_loss(model, input_ids, maskable, mask_token_id=mask_token_id, attention_mask=attention_mask,
                          t=t, noise_mask=noise_mask, schedule=schedule, target_weight=target_weight)
-    sched = get_schedule(schedule)
-    b = input_ids.shape[0]
     maskable = maskable.bool()
     noise_mask = noise_mask.bool() & maskable
     t = t.to(input_ids.device).float()
     # 1. the noisy canvas  [B, L]
     noisy = torch.where(noise_mask, torch.full_like(input_ids, mask_token_id), input_ids)
-    # 2. each masked token's weight: w(t_i) / N_i / b (x its target weight), as mdlm_loss normalises  [N]
-    rows = noise_mask.nonzero()[:, 0]
-    n_maskable = maskable.sum(dim=1).clamp(min=1).float()
-    weights = sched.weight(t)[rows] / n_maskable[rows] / b
-    if target_weight is not None:
-        weights = weights * target_weight.float()[noise_mask]
+    # 2. each masked token's weight, exactly as mdlm_loss normalises  [N]
+    weights = token_weights(t, noise_mask, maskable, schedule=schedule, target_weight=target_weight)
     # 3. one forward of the model; its output layer returns the weighted CE sum  []
     with _fused_output(layer, input_ids[noise_mask], weights):
         return logits_at(model, noisy, noise_mask, attention_mask)
