@@ -20,6 +20,8 @@ import pytest
 from diffutron.serve import create_app, serve_in_thread
 from diffutron.tiny import tiny_lm
 
+from test_serve import Recording
+
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -33,22 +35,6 @@ def _skip(reason: str):
     print(f"\n[test_serve_browser] SKIPPED: {reason}", file=sys.__stderr__, flush=True)
     pytest.skip(reason)
 
-
-class SlowLM:
-    """The model, slowed to ~25 ms per sampler step so a person (and a screenshot) can watch."""
-
-    def __init__(self, lm, delay=0.025):
-        self._lm, self.delay = lm, delay
-
-    def __getattr__(self, name):
-        return getattr(self._lm, name)
-
-    def generate_ids(self, token_lists, config, *, callback=None, **kwargs):
-        def slow(step, canvas):
-            time.sleep(self.delay)
-            return callback(step, canvas) if callback else None
-
-        return self._lm.generate_ids(token_lists, config, callback=slow, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +69,7 @@ def lm():
 
 @pytest.fixture(scope="module")
 def page(lm):
-    app = create_app(SlowLM(lm), served_model_name="tiny")
+    app = create_app(Recording(lm, delay=0.025), served_model_name="tiny")  # ~25 ms a step: watchable
     with serve_in_thread(app) as url:
         yield url
 
