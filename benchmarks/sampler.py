@@ -6,8 +6,8 @@
 Reports times measured in this one run and their ratios, since absolute speed on a shared
 machine varies. Part 1 measures this machine's limits (matmul FLOP/s, streaming the 256k-row
 output matrix), part 2 compares ours with the reference on an mmBERT-small-shaped random model
-(greedy, repetition penalty 1.2: tokens must be identical), part 3 the approximate modes, part 4
-the user-facing figure: one 64-token answer with the paper's settings on DiffutronLM-0.3B's shape.
+(greedy, repetition penalty 1.2: tokens must be identical), part 3 the approximate modes (threshold, bf16 / int8
+weights, the dual cache), part 4 the user-facing figure: one 64-token answer with the paper's settings on DiffutronLM-0.3B's shape.
 """
 
 from __future__ import annotations
@@ -111,8 +111,11 @@ def main() -> None:
     bf16 = make_fast(random_mmbert("mmbert-small", vocab_size=vocab), "bf16")
     rows.append(("bf16 weights", bf16, exact))
     rows.append(("bf16 + threshold 0.9", bf16, exact.replace(threshold=0.9)))
+    rows.append(("dual cache", model, exact.replace(cache="dual")))
+    rows.append(("bf16 + dual cache", bf16, exact.replace(cache="dual")))
     int8 = make_fast(random_mmbert("mmbert-small", vocab_size=vocab), "int8")
     rows.append(("int8 dynamic", int8, exact))
+    rows.append(("int8 + dual cache", int8, exact.replace(cache="dual")))
     for name, m, cfg in rows:
         t, o = best_of(lambda: ours(m, prompt, cfg), 2)
         print(f"{name:28s} {o.nfe:5d} {t:8.2f} {t_ours / t:8.2f}x {agreement(o.sequences[0], base_seq):10.3f}")
@@ -133,11 +136,26 @@ def main() -> None:
     ours(base, prompt, paper.replace(steps=2, max_new_tokens=block))  # warm-up
     t_exact, o = best_of(lambda: ours(base, prompt, paper), 1)
     print(f"ours, exact:                  {t_exact:6.1f} s ({o.nfe} forwards)")
+    exact_seq = o.sequences[0]
     t_thr, o = best_of(lambda: ours(base, prompt, paper.replace(threshold=0.9)), 1)
     print(f"ours, threshold 0.9:          {t_thr:6.1f} s ({o.nfe} forwards)")
+    t_dual, o = best_of(lambda: ours(base, prompt, paper.replace(cache="dual")), 1)
+    print(f"ours, dual cache (fp32):      {t_dual:6.1f} s ({o.nfe} forwards, agreement with exact "
+          f"{agreement(o.sequences[0], exact_seq):.3f})")
+    fast = paper.replace(threshold=0.9, cache="dual")
     base = make_fast(base, "bf16")
-    t_fast, o = best_of(lambda: ours(base, prompt, paper.replace(threshold=0.9)), 1)
-    print(f"ours, --fast bf16 + threshold: {t_fast:6.1f} s ({o.nfe} forwards)")
+    ours(base, prompt, fast.replace(steps=2, max_new_tokens=block))  # warm-up
+    t_fast, o = best_of(lambda: ours(base, prompt, fast), 1)
+    print(f"ours, --fast (bf16 + dual cache) + threshold 0.9: {t_fast:6.1f} s ({o.nfe} forwards, agreement "
+          f"{agreement(o.sequences[0], exact_seq):.3f}); bf16 alone below")
+    t_bf, o = best_of(lambda: ours(base, prompt, paper.replace(threshold=0.9)), 1)
+    print(f"ours, bf16 weights + threshold 0.9 (no cache): {t_bf:6.1f} s ({o.nfe} forwards)")
+    del base
+    base = make_fast(random_mmbert("mmbert-base", vocab_size=vocab), "int8")
+    ours(base, prompt, fast.replace(steps=2, max_new_tokens=block))  # warm-up
+    t_int8, o = best_of(lambda: ours(base, prompt, fast), 1)
+    print(f"ours, --fast int8 (+ dual cache) + threshold 0.9: {t_int8:6.1f} s ({o.nfe} forwards, agreement "
+          f"{agreement(o.sequences[0], exact_seq):.3f})")
 
 
 if __name__ == "__main__":

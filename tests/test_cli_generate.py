@@ -90,3 +90,18 @@ def test_non_utf8_argv_prompt(saved_model_dir):
     r = subprocess.run([sys.executable, "-m", "diffutron", "generate", "--model", str(saved_model_dir), b"caf\xe9"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not valid UTF-8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fast_turns_the_dual_cache_on_unless_cache_is_given(saved_model_dir):
+    import argparse
+
+    from diffutron.cli.generate import add_sampler_args, fast_setup, sampler_config
+    from diffutron.lm import DiffusionLM
+
+    parser = argparse.ArgumentParser()
+    add_sampler_args(parser)
+    for flags, want in (([], "none"), (["--fast"], "dual"), (["--fast", "--cache", "none"], "none"),
+                        (["--fast", "int8", "--cfg-scale", "1"], "none"), (["--cache", "dual"], "dual")):
+        args = parser.parse_args(flags)
+        config = fast_setup(args, DiffusionLM.from_pretrained(saved_model_dir), sampler_config(args))
+        assert config.cache == want, flags

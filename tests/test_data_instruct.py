@@ -91,8 +91,29 @@ def test_padding_policies(tmp_path, tok):
     ex = type(train)(train.ids, train.offsets, train.answer_start, max_length=40, pad_id=tok.pad_token_id,
                      padding="exclude")
     e = ex.batch([0, 1])
-    assert e.input_ids.shape == (2, max(lengths)) and e.target_weight is None
+    assert e.input_ids.shape == (2, min(40, -(-max(lengths) // 16) * 16)) and e.target_weight is None
     assert not e.maskable[1, lengths[1]:].any() and not e.attention_mask[1, lengths[1]:].any()
+
+
+def test_answer_window_trains_on_the_sampler_canvas(tmp_path, tok):
+    long_a = " ".join([A] * 10)
+    rows = [{"instruction": Q, "output": A}, {"instruction": "Başkent?", "output": long_a},
+            {"instruction": " ".join([Q] * 12), "output": A}]
+    f = write_jsonl(tmp_path / "a.jsonl", rows)
+    train, _, report = build_instruct(tok, cfg(f, max_length=60, pad_weight=0.5, answer_window=12))
+    assert len(train) == 2 and report.dropped_prompt_too_long == 1  # prompt + 12 would not fit in 60
+    assert report.truncated_answers == 1  # the long answer is cut to its 12 positions
+    (ids0, s0), (ids1, s1) = train.row(0), train.row(1)
+    assert len(ids1) == s1 + 12
+    b = train.batch([0, 1])
+    assert b.input_ids.shape == (2, min(60, -(-(max(s0, s1) + 12) // 16) * 16))
+    for r, (ids, start) in enumerate([(ids0, s0), (ids1, s1)]):
+        end = start + 12  # the canvas: prompt + 12 positions (answer, end marker, padding), as the sampler's
+        assert b.attention_mask[r, :end].all() and not b.attention_mask[r, end:].any()
+        assert b.maskable[r, start:end].all() and not b.maskable[r, :start].any() and not b.maskable[r, end:].any()
+        assert (b.input_ids[r, len(ids):end] == tok.pad_token_id).all()
+        assert torch.equal(b.target_weight[r, len(ids):end], torch.full((end - len(ids),), 0.5))
+        assert (b.target_weight[r, start:len(ids)] == 1).all()
 
 
 def test_long_prompts_dropped_and_long_answers_cut(tmp_path, tok):

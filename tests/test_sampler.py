@@ -236,3 +236,80 @@ def test_repetition_penalty_touches_only_present_ids_of_each_row():
     present = torch.tensor([[True, True, False], [False, False, True]])
     out = apply_repetition_penalty(logits.clone(), present, torch.tensor([0, 0, 1]), 2.0)
     assert out.tolist() == [[1.0, -4.0, 1.0], [1.0, -4.0, 1.0], [4.0, -4.0, 0.5]]
+
+
+def test_two_level_inverse_cdf_matches_one_float64_running_sum():
+    from diffutron.sampling.policies import inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(64, 5000, generator=g) ** 8  # uneven mass; 5000 is not a multiple of the chunk
+    weights[:, 100:900] = 0.0  # filtered ids: never drawn
+    weights[:3, 4000:] = 0.0  # rows whose tail is empty
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    u[:2] = torch.tensor([0.0, 1.0 - 1e-16], dtype=torch.float64)  # both ends of [0, 1)
+    cdf = weights.double().cumsum(-1)
+    reference = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    got = inverse_cdf(weights, u, chunk=256)
+    assert (got != reference).sum() <= 1  # block sums are float32: a draw within 1e-7 of an edge may move
+    assert bool((weights.gather(1, got[:, None]) > 0).all())
+
+
+def _canvas(lm, prompts, new):
+    from diffutron.sampling.loop import build_canvas
+
+    ids, att = lm.batch(prompts)
+    return build_canvas(ids, att, new, mask_token_id=lm.mask_token_id, pad_token_id=lm.pad_token_id)
+
+
+def test_dual_cache_refresh_and_unchanged_window_equal_the_models_logits(lm):
+    from diffutron.backbone import logits_at
+    from diffutron.sampling.cache import DualCache
+
+    # canvases longer than the tiny model's local window (16), ragged: padding and sliding masks both matter
+    prompts = [list(range(12, 40)), [33, 8, 9, 10, 11]]
+    canvas, att, _ = _canvas(lm, prompts, 20)
+    g = torch.Generator().manual_seed(0)
+    canvas[att.bool() & (torch.rand(canvas.shape, generator=g) < 0.3)] = 44  # some committed answer tokens
+    every = att.bool()
+    exact = logits_at(lm.model, canvas, every, att)
+    cache = DualCache(lm.model)
+    with torch.inference_mode():
+        assert torch.allclose(cache.refresh([0, 1], canvas, att, every), exact, atol=1e-5)
+        # nothing changed since the refresh: a block window must read exactly what a full forward reads
+        spans = [(30, 38), (5, 9)]
+        ids = torch.stack([canvas[0, 30:38], torch.cat([canvas[1, 5:9], canvas[1, 9:13]])])
+        pos = torch.tensor([[True] * 8, [True] * 4 + [False] * 4])
+        window = cache.window([0, 1], ids, spans, pos)
+    want = torch.cat([logits_at(lm.model, canvas[:1], every[:1] & (torch.arange(canvas.shape[1]) >= 30)
+                                & (torch.arange(canvas.shape[1]) < 38), att[:1]),
+                      logits_at(lm.model, canvas[1:], every[1:] & (torch.arange(canvas.shape[1]) >= 5)
+                                & (torch.arange(canvas.shape[1]) < 9), att[1:])])
+    assert torch.allclose(window, want, atol=1e-5)
+
+
+def test_dual_cache_decoding(lm):
+    prompts = [[12, 30, 41, 7, 19, 22, 23, 24], [33, 8], [50, 51, 52, 53, 54]]
+    kw = dict(max_new_tokens=12, steps=12, block_length=4, temperature=0.0, stop_at_eos=False)
+    exact = run(lm, prompts, **kw)
+    cached = run(lm, prompts, cache="dual", **kw)
+    # same forward count; the first step of every block is a full forward, so block 1's first token agrees
+    assert cached.nfe == exact.nfe
+    assert cached.sequences.shape == exact.sequences.shape
+    assert not (cached.sequences == lm.mask_token_id).any()
+    # a block decoded in one step never reads the cache: identical to exact decoding
+    one = dict(kw, threshold=1e-9)
+    assert torch.equal(run(lm, prompts, cache="dual", **one).sequences, run(lm, prompts, **one).sequences)
+    # per-row state: a ragged batch equals each prompt alone
+    for r, p in enumerate(prompts):
+        alone = run(lm, [p], cache="dual", **kw)
+        assert cached.sequences[r, : len(p) + 12].tolist() == alone.sequences[0, : len(p) + 12].tolist()
+
+
+def test_dual_cache_refuses_cfg_and_other_encoders(tokenizer):
+    from diffutron.sampling.cache import DualCache
+    from diffutron.tiny import tiny_model
+
+    with pytest.raises(DiffutronError, match="cfg_scale=0"):
+        SamplerConfig(cache="dual", cfg_scale=1.0)
+    with pytest.raises(DiffutronError, match="ModernBERT masked LMs only"):
+        DualCache(tiny_model(tokenizer, arch="bert"))

@@ -17,6 +17,7 @@ import torch
 from . import backbone
 from .errors import DiffutronError
 from .sampling import GenerationOutput, SamplerConfig, find_stop
+from .sampling.cache import DualCache
 from .sampling import generate as sample
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
@@ -88,9 +89,13 @@ class DiffusionLM:
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
 
-    def make_fast(self, mode: str = "bf16") -> "DiffusionLM":
-        """Switch to approximate, faster weights in place: ``bf16`` or ``int8`` (see backbone.make_fast)."""
+    def make_fast(self, mode: str = "bf16", *, cache: bool = True) -> "DiffusionLM":
+        """Switch to approximate, faster decoding in place: ``bf16`` or ``int8`` weights (see
+        backbone.make_fast) and, with ``cache`` and a ModernBERT model, ``cache="dual"`` in
+        ``defaults`` (see sampling.cache)."""
         self.model = backbone.make_fast(self.model, mode)
+        if cache and DualCache.supports(self.model) and self.defaults.cfg_scale == 0:
+            self.defaults = self.defaults.replace(cache="dual")
         return self
 
     # ------------------------------------------------------------------------------ properties

@@ -30,7 +30,11 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0: runs reproduce)")
     g.add_argument("--no-stop", action="store_true", help="decode every block even after the answer ended")
     g.add_argument("--fast", choices=["bf16", "int8"], nargs="?", const="bf16", default=None,
-                   help="approximate but faster weights: bf16 (default for --fast) or int8 dynamic quantization")
+                   help="approximate but faster: bf16 (default for --fast) or int8 dynamic quantization weights, "
+                        "and the dual cache unless --cache says otherwise")
+    g.add_argument("--cache", choices=["none", "dual"], default=None,
+                   help="dual: a block's later steps run only its own tokens against keys and values stored at "
+                        "the block's start (approximate, ModernBERT; default with --fast); none: exact (default)")
 
 
 def sampler_config(args: argparse.Namespace) -> SamplerConfig:
@@ -39,7 +43,18 @@ def sampler_config(args: argparse.Namespace) -> SamplerConfig:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, remasking=args.remasking, threshold=args.threshold,
         cfg_scale=args.cfg_scale, stop_at_eos=not args.no_stop, seed=args.seed,
+        cache=args.cache or "none",
     )
+
+
+def fast_setup(args, lm, config: SamplerConfig) -> SamplerConfig:
+    """``--fast``: approximate weights, and the dual cache unless ``--cache`` was given."""
+    if not args.fast:
+        return config
+    lm.make_fast(args.fast)
+    if args.cache is None and lm.defaults.cache == "dual" and config.cfg_scale == 0:
+        return config.replace(cache="dual")
+    return config
 
 
 def register(sub) -> None:
@@ -115,8 +130,7 @@ def run_generate(args) -> int:
     if args.batch_size < 1:
         raise DiffutronError("--batch-size must be >= 1")
     lm = load_lm(args)
-    if args.fast:
-        lm.make_fast(args.fast)
+    config = fast_setup(args, lm, config)
     results = []
     for i in range(0, len(prompts), args.batch_size):
         chunk = prompts[i : i + args.batch_size]
@@ -138,14 +152,16 @@ def run_generate(args) -> int:
             print(json.dumps(r, ensure_ascii=False))
         elif args.output is None:
             print(r["text"])
+            if not r["text"].strip():
+                print(f"diffutron: empty answer: the model ended its turn at once ({r['finish_reason']})",
+                      file=sys.stderr)
     return 0
 
 
 def run_chat(args) -> int:
     config = sampler_config(args)
     lm = load_lm(args)
-    if args.fast:
-        lm.make_fast(args.fast)
+    config = fast_setup(args, lm, config)
     live = sys.stdout.isatty()
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(f"diffutron chat with {lm.name} ({config.steps} steps, block {config.block_length}); "

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..errors import DiffutronError
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
+CACHES = ("none", "dual")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class SamplerConfig:
             least this (Fast-dLLM), and never fewer than the schedule's count.
         cfg_scale: classifier-free guidance scale (0 = off); costs a second forward per step.
         stop_at_eos: stop a row after the block in which its answer ended (EOS or end of turn).
+        cache: "none" (exact) or "dual" (approximate, ModernBERT only: a block's later steps run
+            only the block's tokens against keys and values stored at the block's start).
         seed: an int (row r uses seed + r) or one int per row.
     """
 
@@ -43,6 +46,7 @@ class SamplerConfig:
     threshold: float | None = None
     cfg_scale: float = 0.0
     stop_at_eos: bool = True
+    cache: str = "none"
     seed: int | tuple[int, ...] = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +75,11 @@ class SamplerConfig:
             raise bad("threshold", self.threshold, "must be in (0, 1] or None")
         if not isinstance(self.cfg_scale, (int, float)) or not self.cfg_scale >= 0:
             raise bad("cfg_scale", self.cfg_scale, "must be >= 0 (0 = off)")
+        if self.cache not in CACHES:
+            raise bad("cache", self.cache, f"choose one of {', '.join(CACHES)}")
+        if self.cache == "dual" and self.cfg_scale > 0:
+            raise bad("cache", self.cache, "the dual cache does not run classifier-free guidance: set cfg_scale=0 "
+                      "or cache='none'")
         if isinstance(self.seed, list):
             object.__setattr__(self, "seed", tuple(self.seed))
         seeds = self.seed if isinstance(self.seed, tuple) else (self.seed,)

@@ -21,6 +21,7 @@ import torch
 from ..backbone import logits_at
 from ..errors import DiffutronError
 from . import policies
+from .cache import DualCache
 from .config import SamplerConfig
 from .stopping import find_stop
 
@@ -46,6 +47,7 @@ class _Row:
     plan: list[int] = field(default_factory=list)
     j: int = 0
     done: str | None = None
+    cached_block: int = -1  # cache="dual": the block whose start refreshed this row's keys and values
 
 
 Callback = Callable[[int, torch.Tensor], "Sequence[int] | None"]
@@ -126,6 +128,7 @@ def generate(
         rows.append(_Row(blocks=blocks, steps=policies.steps_per_block(cfg.steps, len(blocks))))
         starts.append(first)
     generators = [torch.Generator().manual_seed(s) for s in cfg.row_seeds(b)]
+    cache = DualCache(model) if cfg.cache == "dual" else None
 
     def masks_left(r: int) -> int:
         s, e = rows[r].blocks[rows[r].block]
@@ -181,7 +184,10 @@ def generate(
         hi = torch.tensor([rows[r].blocks[rows[r].block][1] for r, _ in work], device=device)
         target = (x == mask_token_id) & (cols >= lo[:, None]) & (cols < hi[:, None])
         # 2. logits there only; CFG runs the prompt-masked canvas in the same batch  [N, V]
-        if cfg.cfg_scale > 0:
+        if cache is not None:
+            logits, forwards = _cached_logits(cache, rows, work, x, att, target)
+            nfe += forwards - 1
+        elif cfg.cfg_scale > 0:
             uncond = torch.where(prompt_index[sel, :width], torch.full_like(x, mask_token_id), x)
             both = logits_at(model, torch.cat([x, uncond]), torch.cat([target, target]),
                              None if model_att is None else torch.cat([att, att]))
@@ -228,3 +234,41 @@ def generate(
             reason = "stop"
         reasons.append(reason)
     return GenerationOutput(sequences=canvas, finish_reasons=reasons, nfe=nfe, answer_start=starts)
+
+
+def _cached_logits(cache: DualCache, rows: list[_Row], work: list[tuple[int, int]], x: torch.Tensor,
+                   att: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """cache="dual": logits [N, V] at ``target`` (row-major over ``work``), from a full forward for
+    rows that start a block (storing their keys and values) and a block-window forward for the
+    rest; returns ``(logits, forwards run)``."""
+    fresh = [i for i, (r, _) in enumerate(work) if rows[r].cached_block != rows[r].block]
+    warm = [i for i, (r, _) in enumerate(work) if rows[r].cached_block == rows[r].block]
+    counts = target.sum(1).tolist()
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    parts, order = [], []
+    if fresh:
+        idx = torch.tensor(fresh, device=x.device)
+        parts.append(cache.refresh([work[i][0] for i in fresh], x[idx], att[idx], target[idx]))
+        for i in fresh:
+            rows[work[i][0]].cached_block = rows[work[i][0]].block
+    if warm:
+        spans = [rows[work[i][0]].blocks[rows[work[i][0]].block] for i in warm]
+        w = max(e - s for s, e in spans)
+        idx = torch.tensor(warm, device=x.device)
+        cols = torch.tensor([s for s, _ in spans], device=x.device)[:, None] + torch.arange(w, device=x.device)
+        inside = cols < torch.tensor([e for _, e in spans], device=x.device)[:, None]
+        cols = cols.clamp(max=x.shape[1] - 1)  # a shorter block's window is padded (never read)
+        ids = x[idx].gather(1, cols)
+        pos = target[idx].gather(1, cols) & inside
+        parts.append(cache.window([work[i][0] for i in warm], ids, spans, pos))
+    for group in (fresh, warm):
+        for i in group:
+            order.extend(range(offsets[i], offsets[i + 1]))
+    logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if len(parts) > 1 or fresh != list(range(len(work))):
+        out = torch.empty_like(logits)
+        out[torch.tensor(order, device=logits.device)] = logits
+        logits = out
+    return logits, len(parts)

@@ -68,6 +68,29 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Per row, the id i where the running sum of ``weights`` [N, V] (>= 0) first exceeds
+    ``u`` [N] (in [0, 1)) times the row total: a draw from the normalised weights.
+
+    Two levels, so no [N, V] float64 pass: the sums of ``chunk``-wide blocks (float32, then a
+    float64 running sum over blocks) pick a block, then a float64 running sum inside that one
+    block picks the id. Probabilities are thus exact up to float32 rounding of block sums (1e-7
+    relative). A zero-weight id (filtered or forbidden) is never returned.
+    """
+    n, v = weights.shape
+    pad = (-v) % chunk
+    blocks = torch.nn.functional.pad(weights, (0, pad)).view(n, -1, chunk) if pad else weights.view(n, -1, chunk)
+    cum = blocks.sum(-1).double().cumsum(-1)  # [N, nb]
+    target = u.to(torch.float64) * cum[:, -1]
+    nonzero = (cum < cum[:, -1:]).sum(-1)  # last block that holds weight
+    b = torch.searchsorted(cum, target[:, None], right=True).squeeze(-1).minimum(nonzero)
+    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    inner = blocks[torch.arange(n, device=weights.device), b].double().cumsum(-1)  # [N, chunk]
+    last = (inner < inner[:, -1:]).sum(-1)  # the block's last id with weight
+    j = torch.searchsorted(inner, (target - before)[:, None], right=True).squeeze(-1).minimum(last)
+    return b * chunk + j
+
+
 def propose(
     logits: torch.Tensor,
     rows: torch.Tensor,
@@ -93,18 +116,23 @@ def propose(
             bad = x0 == forbid
             x0[bad] = logits[bad].topk(2, dim=-1).indices[:, 1]
     else:
-        scaled = logits / temperature
-        if forbid is not None:
-            scaled[:, forbid] = float("-inf")
-        # inverse-CDF sampling: one uniform per position from the row's own generator (a zero-
-        # probability id, e.g. the forbidden one, is never picked: right=True skips flat steps)
-        cdf = filter_top_k_top_p(scaled, top_k, top_p).softmax(-1).double().cumsum(-1)  # [N, V]
+        # unnormalised weights exp((logits - max) / T)  [N, V], in one new tensor when unfiltered
+        if top_k or top_p < 1.0:
+            scaled = logits / temperature
+            if forbid is not None:
+                scaled[:, forbid] = float("-inf")
+            filtered = filter_top_k_top_p(scaled, top_k, top_p)
+            weights = (filtered - filtered.amax(-1, keepdim=True)).exp_()
+        else:
+            weights = logits.sub(logits.amax(-1, keepdim=True)).mul_(1.0 / temperature).exp_()
+            if forbid is not None:
+                weights[:, forbid] = 0.0
+        # inverse-CDF sampling: one uniform per position from the row's own generator
         u = torch.empty(logits.shape[0], dtype=torch.float64)
         for r in rows.unique().tolist():
             sel = (rows == r).nonzero().squeeze(-1).cpu()
             u[sel] = torch.rand(sel.numel(), generator=generators[r], dtype=torch.float64)
-        u = u.to(logits.device) * cdf[:, -1]
-        x0 = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+        x0 = inverse_cdf(weights, u.to(logits.device))
     if remasking == "low_confidence":
         conf = (logits.gather(-1, x0[:, None]).squeeze(-1) - logits.logsumexp(-1)).exp()
     elif remasking == "margin":

@@ -100,6 +100,10 @@ class DataConfig:
     padding: str = _help("instruct: pad_as_target (the reference: padding after the answer is a target, "
                          "weighted by pad_weight) or exclude (padding is neither target nor attended)", "pad_as_target")
     pad_weight: float = _help("pad_as_target: weight of each padding target in the loss (1 = reference)", 1.0)
+    answer_window: int | None = _help(
+        "pad_as_target: train on the prompt plus exactly this many answer positions (answer, end marker, "
+        "padding), the canvas the sampler fills with max_new_tokens of the same value; None = pad to max_length",
+        None)
     max_rows: int | None = _help("read at most this many rows / documents per source (smoke runs)", None)
     skip_bad_rows: bool = _help("skip (and count and report) rows that are not valid instead of failing", False)
     cache: bool = _help("keep the tokenized data in OUTPUT/cache so a resumed run does not tokenize again", True)
@@ -112,6 +116,7 @@ class DataConfig:
         _check_range("max_length", self.max_length, low=2, allow_none=True)
         _check_range("heldout_fraction", self.heldout_fraction, low=0.0, high=0.5, allow_none=True)
         _check_range("pad_weight", self.pad_weight, low=0.0)
+        _check_range("answer_window", self.answer_window, low=1, allow_none=True)
         _check_range("max_rows", self.max_rows, low=1, allow_none=True)
         for key in ("train", "heldout"):
             value = getattr(self, key)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..backbone import check_tokenizer, install_chat_template, load_backbone
-from ..data.instruct import InstructDataset, build_instruct, detect_format, pad_id
+from ..data.instruct import InstructDataset, build_instruct, dataset_kwargs, detect_format
 from ..data.pretrain import PackedDataset, build_pretrain
 from ..data.rows import ReadReport, is_local, iter_rows, local_files
 from ..errors import DiffutronError
@@ -177,10 +177,6 @@ def build_data(cfg: DataConfig, tokenizer, *, kind: str):
     return train, held, dataclasses.asdict(report) | {"kind": kind, "summary": report.summary()}
 
 
-def _instruct_kwargs(cfg: DataConfig, tokenizer) -> dict:
-    return dict(max_length=cfg.max_length, pad_id=pad_id(tokenizer), padding=cfg.padding, pad_weight=cfg.pad_weight)
-
-
 def load_cached(directory: Path, cfg: DataConfig, tokenizer, kind: str):
     """The data saved by :func:`save_cache`, or None when there is none."""
     if not (directory / "report.json").is_file():
@@ -190,7 +186,7 @@ def load_cached(directory: Path, cfg: DataConfig, tokenizer, kind: str):
         train = PackedDataset.load(directory, "train")
         held = PackedDataset.load(directory, "heldout") if (directory / "heldout_ids.npy").exists() else None
     else:
-        kw = _instruct_kwargs(cfg, tokenizer)
+        kw = dataset_kwargs(cfg, tokenizer)
         train = InstructDataset.load(directory, "train", **kw)
         held = InstructDataset.load(directory, "heldout", **kw) if (directory / "heldout_ids.npy").exists() else None
     return train, held, report
