@@ -23,8 +23,9 @@ def test_embedded_model_is_shipped_small_and_default():
     assert config["model_type"] == "modernbert" and config["dtype"] == "float16"
     lm = DiffusionLM.from_pretrained()
     assert lm.device.type in ("cpu", "cuda", "mps") and lm.name == "tiny-tr"
-    (answer,) = lm.generate("Türkiye'nin başkenti neresidir?")
-    assert answer.text and answer.finish_reason in ("stop", "length")
+    # the toy model answers the demo question with an empty turn (README); this prompt gets words
+    (answer,) = lm.generate("“kitap” sözcüğünü İngilizceye çevir.")
+    assert answer.text.strip() and answer.finish_reason in ("stop", "length")
     card = json.loads((EMBEDDED / "card.json").read_text())
     assert [s["name"] for s in card["stages"]] == ["scratch", "cpt", "sft-general", "sft-specific"]
     readme = (EMBEDDED / "README.md").read_text()
