@@ -299,10 +299,13 @@ def test_dual_cache_decoding(lm):
     # a block decoded in one step never reads the cache: identical to exact decoding
     one = dict(kw, threshold=1e-9)
     assert torch.equal(run(lm, prompts, cache="dual", **one).sequences, run(lm, prompts, **one).sequences)
-    # per-row state: a ragged batch equals each prompt alone
-    for r, p in enumerate(prompts):
-        alone = run(lm, [p], cache="dual", **kw)
-        assert cached.sequences[r, : len(p) + 12].tolist() == alone.sequences[0, : len(p) + 12].tolist()
+    # per-row state: a ragged batch equals each prompt alone; with a threshold, rows reach their
+    # next block at different steps, so one step mixes refresh and window forwards
+    for extra in ({}, {"threshold": 0.2}):
+        together = run(lm, prompts, cache="dual", **kw, **extra)
+        for r, p in enumerate(prompts):
+            alone = run(lm, [p], cache="dual", **kw, **extra)
+            assert together.sequences[r, : len(p) + 12].tolist() == alone.sequences[0, : len(p) + 12].tolist()
 
 
 def test_dual_cache_refuses_cfg_and_other_encoders(tokenizer):

@@ -69,10 +69,6 @@ class DualCache:
         hidden = self._layers(input_ids, pos, rows, spans=spans)
         return self._logits(hidden[positions])
 
-    def forget(self, row: int) -> None:
-        self.kv.pop(row, None)
-        self.keys_att.pop(row, None)
-
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.mlm.decoder(self.mlm.head(hidden))
 

@@ -13,6 +13,7 @@ share one. Per step and row:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -184,9 +185,9 @@ def generate(
         hi = torch.tensor([rows[r].blocks[rows[r].block][1] for r, _ in work], device=device)
         target = (x == mask_token_id) & (cols >= lo[:, None]) & (cols < hi[:, None])
         # 2. logits there only; CFG runs the prompt-masked canvas in the same batch  [N, V]
-        if cache is not None:
+        forwards = 1
+        if cache is not None:  # a full forward for rows starting a block, a block window for the rest
             logits, forwards = _cached_logits(cache, rows, work, x, att, target)
-            nfe += forwards - 1
         elif cfg.cfg_scale > 0:
             uncond = torch.where(prompt_index[sel, :width], torch.full_like(x, mask_token_id), x)
             both = logits_at(model, torch.cat([x, uncond]), torch.cat([target, target]),
@@ -195,7 +196,7 @@ def generate(
             logits = unc + (cfg.cfg_scale + 1.0) * (cond - unc)
         else:
             logits = logits_at(model, x, target, model_att).float()
-        nfe += 1
+        nfe += forwards
         local_rows = target.nonzero()[:, 0]  # [N] index into the work list
         # 3. repetition penalty over each row's canvas (not mask, not EOS, not padding)
         if cfg.repetition_penalty != 1.0:
@@ -243,11 +244,8 @@ def _cached_logits(cache: DualCache, rows: list[_Row], work: list[tuple[int, int
     rest; returns ``(logits, forwards run)``."""
     fresh = [i for i, (r, _) in enumerate(work) if rows[r].cached_block != rows[r].block]
     warm = [i for i, (r, _) in enumerate(work) if rows[r].cached_block == rows[r].block]
-    counts = target.sum(1).tolist()
-    offsets = [0]
-    for c in counts:
-        offsets.append(offsets[-1] + c)
-    parts, order = [], []
+    offsets = [0, *itertools.accumulate(target.sum(1).tolist())]  # row i's logits: offsets[i]:offsets[i + 1]
+    parts = []
     if fresh:
         idx = torch.tensor(fresh, device=x.device)
         parts.append(cache.refresh([work[i][0] for i in fresh], x[idx], att[idx], target[idx]))
@@ -263,12 +261,9 @@ def _cached_logits(cache: DualCache, rows: list[_Row], work: list[tuple[int, int
         ids = x[idx].gather(1, cols)
         pos = target[idx].gather(1, cols) & inside
         parts.append(cache.window([work[i][0] for i in warm], ids, spans, pos))
-    for group in (fresh, warm):
-        for i in group:
-            order.extend(range(offsets[i], offsets[i + 1]))
-    logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-    if len(parts) > 1 or fresh != list(range(len(work))):
-        out = torch.empty_like(logits)
-        out[torch.tensor(order, device=logits.device)] = logits
-        logits = out
-    return logits, len(parts)
+    if len(parts) == 1:  # one group: already in row-major order
+        return parts[0], 1
+    order = [k for i in fresh + warm for k in range(offsets[i], offsets[i + 1])]
+    logits = torch.empty(offsets[-1], parts[0].shape[1], dtype=parts[0].dtype, device=parts[0].device)
+    logits[torch.tensor(order, device=logits.device)] = torch.cat(parts)
+    return logits, 2
