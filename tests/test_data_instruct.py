@@ -114,6 +114,8 @@ def test_answer_window_trains_on_the_sampler_canvas(tmp_path, tok):
         assert (b.input_ids[r, len(ids):end] == tok.pad_token_id).all()
         assert torch.equal(b.target_weight[r, len(ids):end], torch.full((end - len(ids),), 0.5))
         assert (b.target_weight[r, start:len(ids)] == 1).all()
+    with pytest.raises(DiffutronError, match="answer_window: only works with padding: pad_as_target"):
+        cfg(f, padding="exclude", answer_window=12)
 
 
 def test_long_prompts_dropped_and_long_answers_cut(tmp_path, tok):

@@ -146,7 +146,7 @@ class InstructDataset:
                  answer_window: int | None = None):
         self.ids, self.offsets, self.answer_start = ids, offsets, answer_start
         self.max_length, self.pad_id, self.padding, self.pad_weight = max_length, pad_id, padding, pad_weight
-        self.answer_window = answer_window if padding == "pad_as_target" else None
+        self.answer_window = answer_window  # DataConfig allows it with pad_as_target only
 
     def __len__(self) -> int:
         return int(len(self.offsets) - 1)
@@ -175,7 +175,7 @@ class InstructDataset:
             # [B, L]: answer, closing marker and the padding after it, up to the row's canvas end
             end = width if self.answer_window is None else starts + self.answer_window
             maskable = (pos >= starts) & (pos < end)
-            attention = (pos < end).long() if self.answer_window is not None else torch.ones_like(ids)
+            attention = (pos < end).expand(b, width).long()
             weight = None
             if self.pad_weight != 1.0:
                 weight = torch.where(pos >= lengths, self.pad_weight, 1.0).to(torch.float32).expand(b, width).clone()
@@ -288,9 +288,8 @@ def pad_id(tokenizer) -> int:
 
 def dataset_kwargs(cfg, tokenizer) -> dict:
     """How an :class:`InstructDataset` of ``cfg`` (a ``DataConfig``) pads its rows."""
-    window = cfg.answer_window if cfg.padding == "pad_as_target" else None
     return dict(max_length=cfg.max_length or DEFAULT_MAX_LENGTH, pad_id=pad_id(tokenizer), padding=cfg.padding,
-                pad_weight=cfg.pad_weight, answer_window=window)
+                pad_weight=cfg.pad_weight, answer_window=cfg.answer_window)
 
 
 def build_instruct(tokenizer, cfg) -> tuple[InstructDataset, InstructDataset | None, InstructReport]:
@@ -324,9 +323,8 @@ def build_instruct(tokenizer, cfg) -> tuple[InstructDataset, InstructDataset | N
     report.rows, report.bad_rows, report.bad_examples = read.rows, read.bad_rows, list(read.bad_examples)
 
     kwargs = dataset_kwargs(cfg, tokenizer)
-    window = kwargs["answer_window"]
-    train = InstructDataset(*_encode_all(tokenizer, train_convs, cfg.max_length, report, window), **kwargs)
-    held = InstructDataset(*_encode_all(tokenizer, held_convs, cfg.max_length, report, window), **kwargs)
+    train = InstructDataset(*_encode_all(tokenizer, train_convs, cfg.max_length, report, cfg.answer_window), **kwargs)
+    held = InstructDataset(*_encode_all(tokenizer, held_convs, cfg.max_length, report, cfg.answer_window), **kwargs)
     report.examples, report.heldout_examples = len(train), len(held)
     report.tokens = int(train.offsets[-1])
     if len(train) == 0:

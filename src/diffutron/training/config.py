@@ -117,6 +117,9 @@ class DataConfig:
         _check_range("heldout_fraction", self.heldout_fraction, low=0.0, high=0.5, allow_none=True)
         _check_range("pad_weight", self.pad_weight, low=0.0)
         _check_range("answer_window", self.answer_window, low=1, allow_none=True)
+        if self.answer_window is not None and self.padding != "pad_as_target":
+            raise SettingError("answer_window", "only works with padding: pad_as_target (exclude pads to the longest "
+                               "row); remove answer_window or set padding: pad_as_target")
         _check_range("max_rows", self.max_rows, low=1, allow_none=True)
         for key in ("train", "heldout"):
             value = getattr(self, key)
