@@ -163,3 +163,27 @@ def test_fast_modes_run_with_the_dual_cache(saved_model_dir):
         assert lm.defaults.cache == "dual"  # a ModernBERT model: --fast turns the dual cache on
         (c,) = lm.generate("Merhaba", max_new_tokens=8, steps=8, block_length=4, stop_at_eos=False)
         assert c.completion_tokens <= 8 and c.nfe == 8
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch build")
+def test_packed_output_layer_equals_the_plain_one_and_lasts_one_generation(lm):
+    """CPU float32 sampling multiplies by a oneDNN-packed copy of the output matrix, made when a
+    generation starts and dropped when it ends: same logits as the plain layer; never in training."""
+    from diffutron.backbone import logits_at, packed_head
+
+    model = lm.model
+    layer = model.get_output_embeddings()
+    ids = torch.randint(5, lm.tokenizer.vocab_size, (2, 12))
+    where = torch.zeros(2, 12, dtype=torch.bool)
+    where[0, 3:9], where[1, 1] = True, True
+    with torch.no_grad():
+        with packed_head(model):
+            assert "forward" in vars(layer)
+            fast = logits_at(model, ids, where)
+        assert "forward" not in vars(layer)  # the plain layer is back
+        torch.testing.assert_close(fast, model(input_ids=ids).logits[where], rtol=1e-5, atol=1e-5)
+    with packed_head(model):  # autograd on: training never goes through the pack
+        assert "forward" not in vars(layer)
+    seen = []
+    lm.generate("Merhaba", max_new_tokens=4, steps=4, callback=lambda step, canvas: seen.append("forward" in vars(layer)))
+    assert seen and all(seen) and "forward" not in vars(layer)

@@ -288,3 +288,39 @@ def test_gold_answers_score_perfectly(built):
     rows = load_tasks("general", "test", tasks_dir) + load_tasks("specific", "test", tasks_dir)
     result = score(rows, [r["messages"][1]["content"] + "\n[/Answer]" for r in rows])
     assert result["score"] == 1.0 and all(t["exact_match"] == 1.0 for t in result["tasks"].values())
+
+
+def test_stage_metric_batches_by_length_and_scores_each_row_as_alone(built, monkeypatch):
+    """The recipe's instruction metric answers rows in length-sorted batches: each answer must be
+    the row's greedy answer alone, and the score that of ``score`` on those answers."""
+    from diffutron.lm import DiffusionLM
+    from diffutron.sampling import SamplerConfig
+    from diffutron.tiny import tiny_model, tiny_tokenizer
+    from diffutron.training.task_metric import MetricConfig, task_evaluator
+
+    tasks_dir, _ = built
+    tok = tiny_tokenizer()
+    lm = DiffusionLM(tiny_model(tok, seed=3), tok)
+    cfg = MetricConfig(tasks="general", limit=9, max_new_tokens=6, steps=6, block_length=3, batch_size=4,
+                       tasks_dir=str(tasks_dir))
+    import diffutron.data.tasks as tasks_module
+
+    seen = {}
+
+    def spy(rows, answers):
+        seen["answers"] = list(answers)
+        return score(rows, answers)
+
+    monkeypatch.setattr(tasks_module, "score", spy)
+    evaluate = task_evaluator(cfg)
+    rows = evaluate.rows
+    prompts = [[m for m in r["messages"] if m["role"] != "assistant"] for r in rows]
+    assert len({len(lm.encode(lm.render(p))) for p in prompts}) > 1  # ragged, so sorting matters
+    sampler = SamplerConfig(max_new_tokens=6, steps=6, block_length=3, temperature=0.0, repetition_penalty=1.0)
+    alone = [lm.generate([p], sampler)[0].text for p in prompts]
+    got = evaluate(lm=lm, step=0)
+    assert seen["answers"] == alone and any(alone)
+    expected = score(rows, alone)
+    assert got["general_score"] == pytest.approx(expected["score"]) and got["general_rows"] == len(rows)
+    for task, value in expected["tasks"].items():
+        assert got[f"general_{task}"] == pytest.approx(value["score"])

@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,7 +25,7 @@ from diffutron.training import DataConfig, LoraSettings, TrainConfig, train
 from diffutron.training import loop as loop_module
 from diffutron.training.checkpoint import latest_checkpoint, list_checkpoints
 from diffutron.training.config import build, load_train_config
-from diffutron.training.loop import lr_factor
+from diffutron.training.loop import DataStream, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +200,27 @@ def test_fused_loss_equals_mdlm_loss_in_value_and_gradients(arch, lora, weighted
     assert "forward" not in vars(output_layer(model))
 
 
-def test_sft_never_masks_the_prompt(files, tmp_path, monkeypatch):
+def test_length_grouping_keeps_every_row_once_per_epoch_and_pads_less():
+    rng = np.random.default_rng(0)
+    widths = rng.integers(10, 200, size=203)
+    plain, grouped = DataStream(203, 7), DataStream(203, 7, widths, batch=4)
+    size = 4 * DataStream.GROUP_BATCHES
+    for epoch in (0, 1):
+        order = grouped.perm(epoch)
+        assert sorted(order.tolist()) == list(range(203))
+        assert np.array_equal(order, DataStream(203, 7, widths, batch=4).perm(epoch))  # seeded
+        # each group holds the plain permutation's rows, and its batches are slices of their sorted order
+        for start in range(0, 203, size):
+            group = order[start : start + size]
+            assert sorted(group.tolist()) == sorted(plain.perm(epoch)[start : start + size].tolist())
+            batches = sorted((group[i : i + 4] for i in range(0, len(group), 4)), key=lambda b: widths[b].min())
+            assert np.all(np.diff(widths[np.concatenate(batches)]) >= 0)
+    padded = [lambda s=s: np.mean([widths[s.indices(q, 4)].max() for q in range(0, 200, 4)]) for s in (plain, grouped)]
+    assert padded[1]() < 0.7 * padded[0]()
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_sft_never_masks_the_prompt(files, tmp_path, monkeypatch, grouped):
     seen = []
     real = loop_module.fused_mdlm_loss
 
@@ -209,7 +230,8 @@ def test_sft_never_masks_the_prompt(files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop_module, "fused_mdlm_loss", spy)
     cfg = pretrain_config(files, tmp_path / "sft", max_steps=6, batch_size=4, eval_at_start=False,
-                          data=DataConfig(train=str(files / "chat.jsonl"), max_length=40, heldout_fraction=0.1))
+                          data=DataConfig(train=str(files / "chat.jsonl"), max_length=40, heldout_fraction=0.1,
+                                          group_by_length=grouped))
     result = train(cfg)
     assert result.data_report["kind"] == "instruct"
     answer_marker = tiny_tokenizer().convert_tokens_to_ids("[Answer]")
@@ -234,6 +256,17 @@ def test_gradient_accumulation_and_reruns_match_exactly(files, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # seeded: bit for bit
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)  # same data and noise, summed differently
     assert any(not torch.equal(a[k], weights(files / "base")[k]) for k in a)
+
+
+def test_length_grouping_gives_accumulation_the_same_data(files, tmp_path):
+    data = DataConfig(train=str(files / "chat.jsonl"), max_length=40, heldout_fraction=0.0, group_by_length=True,
+                      padding="exclude")
+    assert len({len(t) for t in SAMPLE_TEXTS[:6]}) > 1  # the questions differ in length, so do the rows
+    common = dict(max_steps=3, eval_at_start=False, data=data)
+    train(pretrain_config(files, tmp_path / "a", batch_size=4, **common))
+    train(pretrain_config(files, tmp_path / "c", batch_size=2, grad_accum=2, **common))
+    a, c = weights(tmp_path / "a"), weights(tmp_path / "c")
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
 
 
 def _cli_env():

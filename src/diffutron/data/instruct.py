@@ -155,6 +155,15 @@ class InstructDataset:
         """``(ids, answer_start)`` of row ``i``."""
         return np.asarray(self.ids[self.offsets[i]: self.offsets[i + 1]]), int(self.answer_start[i])
 
+    def widths(self) -> np.ndarray:
+        """[N] each row's width in a batch: prompt + answer_window, else its length (padding: exclude)
+        or max_length (pad_as_target without a window)."""
+        if self.padding == "pad_as_target" and self.answer_window is None:
+            return np.full(len(self), self.max_length)
+        if self.answer_window is not None:
+            return np.minimum(np.asarray(self.answer_start) + self.answer_window, self.max_length)
+        return np.minimum(np.diff(np.asarray(self.offsets)), self.max_length)
+
     def batch(self, indices: Sequence[int]) -> Batch:
         """Padded rows: answer (+ padding with pad_as_target) maskable, the prompt never."""
         rows = [self.row(int(i)) for i in indices]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backbone import logits_at
+from ..backbone import logits_at, packed_head
 from ..errors import DiffutronError
 from . import policies
 from .cache import DualCache
@@ -98,6 +98,14 @@ def generate(
     Raises:
         DiffutronError: nothing to generate (no masks and max_new_tokens 0).
     """
+    with packed_head(model):  # CPU float32: the output layer on a oneDNN-packed weight (backbone)
+        return _denoise(model, input_ids, config, mask_token_id=mask_token_id, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, attention_mask=attention_mask, stop_sequences=stop_sequences,
+                        callback=callback)
+
+
+def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token_id, attention_mask,
+             stop_sequences, callback) -> GenerationOutput:
     cfg = config
     device = input_ids.device
     if pad_token_id is None:

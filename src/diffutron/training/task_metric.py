@@ -64,9 +64,14 @@ def task_evaluator(cfg: MetricConfig):
         fits = [len(lm.encode(lm.render(p))) <= room for p in prompts]
         kept = [r for r, ok in zip(rows, fits) if ok]
         prompts = [p for p, ok in zip(prompts, fits) if ok]
-        answers = []
-        for i in range(0, len(prompts), cfg.batch_size):
-            answers += [c.text for c in lm.generate(prompts[i : i + cfg.batch_size], sampler)]
+        # batches of similar prompt length (greedy answers do not depend on the batch), answers in row order
+        lengths = [len(lm.encode(lm.render(p))) for p in prompts]
+        order = sorted(range(len(prompts)), key=lengths.__getitem__)
+        answers = [""] * len(prompts)
+        for i in range(0, len(order), cfg.batch_size):
+            chunk = order[i : i + cfg.batch_size]
+            for k, c in zip(chunk, lm.generate([prompts[k] for k in chunk], sampler)):
+                answers[k] = c.text
         result = score(kept, answers) if kept else {"score": 0.0, "tasks": {}}
         out = {f"{cfg.tasks}_score": result["score"], f"{cfg.tasks}_rows": len(kept),
                f"{cfg.tasks}_skipped": len(rows) - len(kept)}
