@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import EOS_ID, MASK_ID, random_mmbert  # noqa: E402
 from reference_sampler import oracle  # noqa: E402
 
+from diffutron import backbone  # noqa: E402
 from diffutron.backbone import make_fast  # noqa: E402
 from diffutron.sampling import SamplerConfig, generate  # noqa: E402
 
@@ -137,6 +138,11 @@ def main() -> None:
     t_exact, o = best_of(lambda: ours(base, prompt, paper), 1)
     print(f"ours, exact:                  {t_exact:6.1f} s ({o.nfe} forwards)")
     exact_seq = o.sequences[0]
+    backbone.PACKED_HEAD = False  # the same, with the plain output layer (DIFFUTRON_PACKED_HEAD=0)
+    t_plain, o = best_of(lambda: ours(base, prompt, paper), 1)
+    backbone.PACKED_HEAD = True
+    print(f"ours, exact, plain output layer: {t_plain:6.1f} s (the packed one is {t_plain / t_exact:.2f}x faster; "
+          f"tokens identical: {o.sequences[0].tolist() == exact_seq.tolist()})")
     t_thr, o = best_of(lambda: ours(base, prompt, paper.replace(threshold=0.9)), 1)
     print(f"ours, threshold 0.9:          {t_thr:6.1f} s ({o.nfe} forwards)")
     t_dual, o = best_of(lambda: ours(base, prompt, paper.replace(cache="dual")), 1)

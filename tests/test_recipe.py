@@ -97,6 +97,27 @@ def test_lora_cpt_then_full_sft_runs_end_to_end_and_heldout_loss_falls(files, tm
     assert all(r.already_finished for r in again) and again[1].heldout[-1] == sft.heldout[-1]
 
 
+def test_stages_in_fresh_processes_train_exactly_what_one_process_trains(files, tmp_path):
+    """The CLI runs each stage in a spawned process (memory given back between stages): same
+    held-out numbers and bit-identical weights as the stages run in this process."""
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    isolated = run_recipe(write(tmp_path / "a.yaml", two_stage(files, a)), isolate=True)
+    inline = run_recipe(write(tmp_path / "b.yaml", two_stage(files, b)), isolate=False)
+    assert [r.heldout for r in isolated] == [r.heldout for r in inline] and len(isolated[1].heldout) == 3
+    wa, wb = load_file(str(a / "sft" / "model.safetensors")), load_file(str(b / "sft" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_an_isolated_stage_reports_its_error_as_one_line(tmp_path):
+    from diffutron.training import TrainConfig
+    from diffutron.training.recipe import _run_isolated
+
+    with pytest.raises(DiffutronError, match=r"^data\.train: missing"):
+        _run_isolated(TrainConfig(output_dir=str(tmp_path / "x"), model="m"), False, None)
+
+
 def test_a_stage_trains_a_fresh_model_from_a_config_and_a_tokenizer(files, tmp_path):
     out = tmp_path / "scratch"
     recipe = write(tmp_path / "scratch.yaml", f"""

@@ -105,8 +105,8 @@ class DataConfig:
         "padding), the canvas the sampler fills with max_new_tokens of the same value; None = pad to max_length",
         None)
     group_by_length: bool = _help(
-        "instruct: batch rows of similar length (each run of 16 global batches of the shuffled stream is sorted "
-        "by row width, then its batches are shuffled): less padding computed, same data each epoch", False)
+        "instruct: batch rows of similar width (each run of 16 optimizer steps' rows of the shuffled stream is "
+        "sorted by width, then those steps are shuffled): less padding computed, every row once per epoch", False)
     max_rows: int | None = _help("read at most this many rows / documents per source (smoke runs)", None)
     skip_bad_rows: bool = _help("skip (and count and report) rows that are not valid instead of failing", False)
     cache: bool = _help("keep the tokenized data in OUTPUT/cache so a resumed run does not tokenize again", True)
