@@ -271,8 +271,8 @@ def run_recipe(
     held-out metrics, see :func:`~diffutron.training.train`.
 
     ``isolate``: train each stage in a fresh (spawned) process, so one stage's memory is given
-    back before the next starts (measured on tiny-tr: SFT after pre-training in the same process
-    ran at ~1,850 tokens/s, in a fresh one ~2,700). Default: on, unless the recipe runs under a
+    back before the next starts and no stage inherits another's allocator state (the numbers and
+    weights are those of an in-process run, bit for bit). Default: on, unless the recipe runs under a
     distributed launcher (torchrun / accelerate launch: every rank is already its own process) or
     Python ``evaluators`` are given (they live in this process).
 
