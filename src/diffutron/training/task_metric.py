@@ -61,11 +61,12 @@ def task_evaluator(cfg: MetricConfig):
         # rows whose prompt leaves no room for the answer are skipped (and counted), as in training
         prompts = [[m for m in r["messages"] if m["role"] != "assistant"] for r in rows]
         room = lm.context_length - cfg.max_new_tokens
-        fits = [len(lm.encode(lm.render(p))) <= room for p in prompts]
+        sizes = [len(lm.encode(lm.render(p))) for p in prompts]
+        fits = [n <= room for n in sizes]
         kept = [r for r, ok in zip(rows, fits) if ok]
         prompts = [p for p, ok in zip(prompts, fits) if ok]
+        lengths = [n for n, ok in zip(sizes, fits) if ok]
         # batches of similar prompt length (greedy answers do not depend on the batch), answers in row order
-        lengths = [len(lm.encode(lm.render(p))) for p in prompts]
         order = sorted(range(len(prompts)), key=lengths.__getitem__)
         answers = [""] * len(prompts)
         for i in range(0, len(order), cfg.batch_size):
