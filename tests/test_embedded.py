@@ -23,7 +23,7 @@ def test_embedded_model_is_shipped_small_and_default():
     assert config["model_type"] == "modernbert" and config["dtype"] == "float16"
     lm = DiffusionLM.from_pretrained()
     assert lm.device.type in ("cpu", "cuda", "mps") and lm.name == "tiny-tr"
-    # the toy model answers the demo question with an empty turn (README); this prompt gets words
+    # the toy model's answers are fragments (README); this prompt gets some
     (answer,) = lm.generate("“kitap” sözcüğünü İngilizceye çevir.")
     assert answer.text.strip() and answer.finish_reason in ("stop", "length")
     card = json.loads((EMBEDDED / "card.json").read_text())
@@ -39,7 +39,8 @@ def test_generate_without_model_uses_the_embedded_one():
     assert r.returncode == 0, r.stderr
     assert "RANDOM" not in r.stderr
     row = json.loads(r.stdout)
-    assert row["text"] and row["nfe"] >= 1
+    (same,) = DiffusionLM.from_pretrained(str(EMBEDDED)).generate("İstanbul nerededir?")  # the paper's settings
+    assert row["token_ids"] == same.token_ids and row["text"] == same.text and row["nfe"] == same.nfe >= 1
 
 
 @pytest.mark.slow

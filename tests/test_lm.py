@@ -182,6 +182,10 @@ def test_packed_output_layer_equals_the_plain_one_and_lasts_one_generation(lm):
             fast = logits_at(model, ids, where)
         assert "forward" not in vars(layer)  # the plain layer is back
         torch.testing.assert_close(fast, model(input_ids=ids).logits[where], rtol=1e-5, atol=1e-5)
+        with packed_head(model), torch.autocast("cpu", dtype=torch.bfloat16):  # inside a bf16 training run
+            half = logits_at(model, ids, where)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(half, model(input_ids=ids).logits[where])
     with packed_head(model):  # autograd on: training never goes through the pack
         assert "forward" not in vars(layer)
     seen = []

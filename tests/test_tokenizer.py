@@ -120,6 +120,17 @@ def test_saved_files_load_with_auto_tokenizer_and_default_path(trained, monkeypa
     assert load_tokenizer()("ev")["input_ids"] == tok("ev")["input_ids"]
 
 
+def test_vocabulary_order_is_canonical_so_a_retrained_tokenizer_has_the_same_ids(trained, tmp_path):
+    root, _, tok = trained
+    vocab = json.loads(tok.backend_tokenizer.to_str())["model"]["vocab"]
+    floor = min(score for _, score in vocab)  # the byte-fallback pieces, appended last
+    learned = [(piece, score) for piece, score in vocab[len(SPECIAL_TOKENS):] if score > floor]
+    assert len(learned) > 100 and learned == sorted(learned, key=lambda ps: (-ps[1], ps[0]))
+    assert all(score == round(score, 9) for _, score in learned)
+    train_tokenizer(root / "corpus", tmp_path / "again", vocab_size=8000, progress=False)
+    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (root / "tokenizer" / "tokenizer.json").read_bytes()
+
+
 def test_training_report(trained):
     _, info, tok = trained
     assert info["vocab_size"] == len(tok) <= 8000
@@ -149,3 +160,32 @@ def test_cli_trains_on_one_domain(tmp_path, trained, capsys):
     assert "held-out tokens per word" in printed and str(out) in printed
     info = json.loads((out / TOKENIZER_INFO).read_text())
     assert info["domains"] == ["news"] and info["training_documents"] == 200
+
+
+def test_recipe_prepare_retrains_an_outdated_tokenizer_and_its_tasks(tmp_path, trained, monkeypatch):
+    import shutil
+
+    import diffutron.data.tasks as tasks_mod
+    from diffutron.data.tokenizer import is_outdated
+    from diffutron.training.prepare import PrepareConfig, prepare
+
+    root, _, tok = trained
+    tok_dir = tmp_path / "tokenizer"
+    shutil.copytree(root / "tokenizer", tok_dir)
+    assert not is_outdated(tok_dir) and not is_outdated(tmp_path)  # current; not ours at all
+    info = json.loads((tok_dir / TOKENIZER_INFO).read_text())
+    (tok_dir / TOKENIZER_INFO).write_text(json.dumps({**info, "format": "diffutron-tokenizer/1"}))
+    assert is_outdated(tok_dir)
+    built = []
+    monkeypatch.setattr(tasks_mod, "build_tasks", lambda corpus, out, **kw: built.append(out))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "stats.json").write_text("{}")
+    where = {"corpus": str(root / "corpus"), "tasks": str(tasks), "tokenizer": str(tok_dir), "data": str(tmp_path)}
+    logs = []
+    prepare(PrepareConfig(vocab_size=8000), where, log=logs.append)
+    assert not is_outdated(tok_dir) and "older format" in logs[0]
+    assert built == [tasks]  # the tasks' length filter depends on the tokenizer: rebuilt too
+    assert (tok_dir / "tokenizer.json").read_bytes() == (root / "tokenizer" / "tokenizer.json").read_bytes()
+    prepare(PrepareConfig(vocab_size=8000), where, log=logs.append)
+    assert built == [tasks] and len(logs) == 2  # nothing left to do

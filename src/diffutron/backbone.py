@@ -290,6 +290,8 @@ def packed_head(model: nn.Module):
     packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), _PACK_ROWS)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):  # e.g. evaluation inside a bf16 run
+            return torch.nn.functional.linear(x, layer.weight, layer.bias)
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(flat, packed, layer.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -35,6 +35,8 @@ __all__ = [
     "SPECIAL_TOKENS",
     "CHAT_MARKERS",
     "TOKENIZER_INFO",
+    "TOKENIZER_FORMAT",
+    "is_outdated",
     "default_tokenizer_dir",
     "train_tokenizer",
     "load_tokenizer",
@@ -46,6 +48,9 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos
                   "mask_token": "<mask>"}
 CHAT_MARKERS = ("[SYS]", "[/SYS]", "[Question]", "[/Question]", "[Answer]", "[/Answer]")
 TOKENIZER_INFO = "diffutron_tokenizer.json"  # training facts next to the HF files; marks the folder as ours
+# /2: the vocabulary order is canonical (``_canonical``). A folder of an older format is
+# retrained by `diffutron recipe run` (see ``is_outdated``).
+TOKENIZER_FORMAT = "diffutron-tokenizer/2"
 _EXTRA_ALPHABET = "âîûÂÎÛ0123456789.,;:!?'’\"“”‘()[]{}-–—/\\%&*+=<>@#$_|~^`…«»°"
 
 
@@ -101,12 +106,29 @@ def _train(texts: Iterable[str], vocab_size: int, progress: bool):
     tok.normalizer, tok.pre_tokenizer = scratch.normalizer, scratch.pre_tokenizer
     tok.train_from_iterator(texts, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
-    vocab = [(piece, score) for piece, score in model["vocab"]]
+    head, learned = model["vocab"][: len(specials)], model["vocab"][len(specials):]
+    assert [piece for piece, _ in head] == specials, "the trainer puts the special tokens first"
+    vocab = [(piece, score) for piece, score in head] + _canonical(learned)
     # Byte pieces, scored below every learned piece so they are used only as a fallback.
     floor = min(score for _, score in vocab) - 1.0
     known = {piece for piece, _ in vocab}
     vocab += [(f"<0x{b:02X}>", floor) for b in range(256) if f"<0x{b:02X}>" not in known]
     return _backend(vocab, model["unk_id"])
+
+
+def _canonical(learned: list) -> list[tuple[str, float]]:
+    """The trainer's pieces in an order that depends on the corpus only, so retraining on the
+    same corpus gives the same ids. As trained, the order is not: pieces of equal score come in
+    a run-dependent order (477 of 16,378 on the full corpus), scores differ in their last bits,
+    and the characters of the alphabet that no piece needed are appended last with scores
+    falling by 1e-4 each, in hash order. Here: scores rounded to 1e-9, ties ordered by the
+    piece, and everything from that run on given one score (its first), ordered by the piece."""
+    scores = [round(score, 9) for _, score in learned]
+    step = [abs(a - b - 1e-4) < 1e-7 for a, b in zip(scores, scores[1:])]  # falls by exactly 1e-4
+    start = next((i for i in range(len(step) - 1) if step[i] and step[i + 1]), len(learned))
+    body = sorted(zip((piece for piece, _ in learned[:start]), scores[:start]), key=lambda ps: (-ps[1], ps[0]))
+    tail = sorted(piece for piece, _ in learned[start:])
+    return body + [(piece, scores[start]) for piece in tail]
 
 
 def tokens_per_word(tokenizer, texts: Sequence[str]) -> float:
@@ -154,7 +176,7 @@ def train_tokenizer(corpus_dir: str | Path | None = None, out_dir: str | Path | 
         per_domain[dom] = round(tokens_per_word(tokenizer, [d["text"] for d in held_out if d["domain"] == dom]), 4)
     stats_path = corpus_root / "stats.json"
     info = {
-        "format": "diffutron-tokenizer/1",
+        "format": TOKENIZER_FORMAT,
         "model": "unigram",
         "vocab_size": len(tokenizer),
         "special_tokens": {k: [v, tokenizer.convert_tokens_to_ids(v)] for k, v in SPECIAL_TOKENS.items()},
@@ -173,6 +195,15 @@ def train_tokenizer(corpus_dir: str | Path | None = None, out_dir: str | Path | 
         tokenizer.save_pretrained(tmp)
         (tmp / TOKENIZER_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return info
+
+
+def is_outdated(path: str | Path) -> bool:
+    """Whether ``path`` holds a tokenizer this module trained in an older format (a folder
+    without our info file, e.g. a user's own tokenizer, is never outdated)."""
+    info = Path(path).expanduser() / TOKENIZER_INFO
+    if not info.is_file():
+        return False
+    return json.loads(info.read_text(encoding="utf-8")).get("format") != TOKENIZER_FORMAT
 
 
 def load_tokenizer(path: str | Path | None = None):

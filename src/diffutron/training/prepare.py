@@ -67,16 +67,19 @@ def prepare(cfg: PrepareConfig, where: dict[str, str], *, log=print) -> None:
     """Build whatever is missing: corpus, tokenizer, tasks, exported groups (each atomically)."""
     from ..data.corpus import build_corpus, iter_corpus
     from ..data.tasks import build_tasks
-    from ..data.tokenizer import load_tokenizer, train_tokenizer
+    from ..data.tokenizer import is_outdated, load_tokenizer, train_tokenizer
 
     corpus, tasks, tok_dir, data = (Path(where[k]) for k in ("corpus", "tasks", "tokenizer", "data"))
     if not (corpus / "stats.json").is_file():
         log(f"prepare: building the Turkish corpus in {corpus}")
         build_corpus(corpus, exclude_licenses=cfg.exclude_licenses, include_debian=cfg.include_debian)
-    if not (tok_dir / "tokenizer.json").is_file():
-        log(f"prepare: training a {cfg.vocab_size}-token tokenizer in {tok_dir}")
+    retrained = False
+    if not (tok_dir / "tokenizer.json").is_file() or is_outdated(tok_dir):
+        why = "is of an older format; retraining it" if (tok_dir / "tokenizer.json").is_file() else "is missing"
+        log(f"prepare: the tokenizer in {tok_dir} {why} ({cfg.vocab_size} tokens)")
         train_tokenizer(corpus, tok_dir, vocab_size=cfg.vocab_size)
-    if not (tasks / "stats.json").is_file():
+        retrained = True
+    if not (tasks / "stats.json").is_file() or retrained:  # tasks drop rows by their token count
         log(f"prepare: writing the instruction tasks in {tasks}")
         build_tasks(corpus, tasks, tokenizer=load_tokenizer(tok_dir), max_train_per_task=cfg.max_train_per_task,
                     max_heldout_per_task=cfg.max_heldout_per_task)
