@@ -81,9 +81,13 @@ def test_chat_multi_turn_from_stdin(saved_model_dir):
 
 
 def test_no_model_falls_back_and_says_so():
+    from diffutron.lm import DiffusionLM
+
     r = cli("generate", "--max-new-tokens", "4", "--steps", "4", "--block-length", "4", "Merhaba")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip()
+    (same,) = DiffusionLM.from_pretrained().generate("Merhaba", max_new_tokens=4, steps=4, block_length=4)
+    assert r.stdout.strip() == same.text  # the embedded default model's answer
+    assert same.text or "empty answer: the model ended its turn at once" in r.stderr  # an empty one is explained
 
 
 def test_non_utf8_argv_prompt(saved_model_dir):
