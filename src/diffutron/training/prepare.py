@@ -73,13 +73,13 @@ def prepare(cfg: PrepareConfig, where: dict[str, str], *, log=print) -> None:
     if not (corpus / "stats.json").is_file():
         log(f"prepare: building the Turkish corpus in {corpus}")
         build_corpus(corpus, exclude_licenses=cfg.exclude_licenses, include_debian=cfg.include_debian)
-    retrained = False
-    if not (tok_dir / "tokenizer.json").is_file() or is_outdated(tok_dir):
-        why = "is of an older format; retraining it" if (tok_dir / "tokenizer.json").is_file() else "is missing"
+    have_tokenizer = (tok_dir / "tokenizer.json").is_file()
+    retrain = not have_tokenizer or is_outdated(tok_dir)
+    if retrain:
+        why = "is of an older format; retraining it" if have_tokenizer else "is missing"
         log(f"prepare: the tokenizer in {tok_dir} {why} ({cfg.vocab_size} tokens)")
         train_tokenizer(corpus, tok_dir, vocab_size=cfg.vocab_size)
-        retrained = True
-    if not (tasks / "stats.json").is_file() or retrained:  # tasks drop rows by their token count
+    if not (tasks / "stats.json").is_file() or retrain:  # tasks drop rows by their token count
         log(f"prepare: writing the instruction tasks in {tasks}")
         build_tasks(corpus, tasks, tokenizer=load_tokenizer(tok_dir), max_train_per_task=cfg.max_train_per_task,
                     max_heldout_per_task=cfg.max_heldout_per_task)
