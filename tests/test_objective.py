@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffutron.errors import DiffutronError
 from diffutron.objective import mdlm_loss
 from diffutron.schedules import get_schedule
 
@@ -33,6 +34,29 @@ def test_sparse_loss_equals_full_logits_reference(model, tokenizer, schedule):
     ours = mdlm_loss(model, ids, maskable, mask_token_id=tokenizer.mask_token_id, t=t, noise_mask=noise, schedule=schedule)
     ref = reference_loss(model, ids, maskable, noise, t, tokenizer.mask_token_id, schedule)
     assert ours.item() == pytest.approx(ref.item(), abs=1e-5)
+
+
+def test_flat_weighting_is_the_masked_lm_mean_of_full_logits(model, tokenizer):
+    """weighting="flat": the mean cross-entropy over the batch's masked tokens (BERT's loss through
+    transformers' own labels path), times each target's weight; t then only draws the masks."""
+    ids, maskable = batch(tokenizer)
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor([0.2, 0.5, 0.7, 0.95])
+    noise = (torch.rand(ids.shape, generator=g) < t[:, None]) & maskable
+    noisy = torch.where(noise, torch.full_like(ids, tokenizer.mask_token_id), ids)
+    ref = model(input_ids=noisy, labels=ids.masked_fill(~noise, -100)).loss
+    ours = mdlm_loss(model, ids, maskable, mask_token_id=tokenizer.mask_token_id, t=t, noise_mask=noise, weighting="flat")
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-5)
+    assert ours.item() != pytest.approx(mdlm_loss(model, ids, maskable, mask_token_id=tokenizer.mask_token_id, t=t,
+                                                  noise_mask=noise).item(), abs=1e-3)
+    w = torch.rand(ids.shape, generator=g)
+    logits = model(input_ids=noisy).logits
+    ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+    weighted = mdlm_loss(model, ids, maskable, mask_token_id=tokenizer.mask_token_id, t=t, noise_mask=noise,
+                         weighting="flat", target_weight=w)
+    assert weighted.item() == pytest.approx(((ce * w)[noise].sum() / noise.sum()).item(), abs=1e-5)
+    with pytest.raises(DiffutronError, match="unknown loss weighting 'bert'; choose one of elbo, flat"):
+        mdlm_loss(model, ids, maskable, mask_token_id=tokenizer.mask_token_id, t=t, noise_mask=noise, weighting="bert")
 
 
 def test_prompt_never_masked_and_t_alone_draws_masks(model, tokenizer):

@@ -229,6 +229,50 @@ def test_sampling_follows_softmax_over_temperature_and_never_the_forbidden_id():
     assert torch.allclose(freq[:4], expected, atol=0.03)
 
 
+def test_row_argmax_is_torch_argmax_first_of_ties():
+    from diffutron.sampling.policies import row_argmax
+
+    g = torch.Generator().manual_seed(0)
+    for width in (7, 1024, 3000, 4096, 70001):  # below one chunk, exact chunks, ragged last chunk
+        x = torch.randint(-3, 3, (9, width), generator=g).float()  # many ties: the first must win
+        x[0] = -5.0
+        x[0, width // 2 :] = 7.0  # the maximum starts mid-row, in a later chunk
+        assert torch.equal(row_argmax(x), x.argmax(-1)), width
+    x = torch.randn(3, 5000, generator=g)
+    x[1, 7] = float("nan")
+    x[2, 4000] = float("inf")
+    assert torch.equal(row_argmax(x), x.argmax(-1))
+
+
+def test_trained_like_logits_sample_as_float64_softmax_and_confidence_is_exact():
+    """At temperature 0.1 most of a trained model's vocabulary sits where exp() underflows (the
+    clamped, fast path): draws still follow softmax(logits / T) and confidences softmax(logits)."""
+    from diffutron.sampling.policies import propose
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 20000, generator=g) * 3.0
+    logits[:, 5], logits[:, 11] = 20.0, 19.95  # two close leaders, >6 nats above the rest
+    rows = torch.arange(6)
+    draws = []
+    for seed in range(300):
+        x0, conf = propose(logits, rows, [torch.Generator().manual_seed(seed * 6 + r) for r in range(6)],
+                           temperature=0.1, top_k=0, top_p=1.0, remasking="low_confidence", forbid=None)
+        ref = torch.softmax(logits.double(), -1).gather(1, x0[:, None]).squeeze(1)
+        assert torch.allclose(conf.double(), ref, rtol=1e-5)
+        draws.append(x0)
+    draws = torch.stack(draws)  # [300, 6]
+    p = torch.softmax(logits.double() / 0.1, -1)
+    top2 = p.topk(2, dim=-1)
+    # each row draws only its own two (the rest of its vocabulary has < 1e-20 of the mass)
+    assert bool(((draws == top2.indices[:, 0]) | (draws == top2.indices[:, 1])).all())
+    share = (draws == top2.indices[:, 0]).double().mean(0)
+    assert torch.allclose(share, top2.values[:, 0] / top2.values.sum(-1), atol=0.1)
+    # top-k: filtered ids keep weight exactly 0 even though the clamp lifts the rest
+    x0, _ = propose(logits, rows, [torch.Generator().manual_seed(r) for r in range(6)], temperature=0.1,
+                    top_k=1, top_p=1.0, remasking="low_confidence", forbid=None)
+    assert torch.equal(x0, logits.argmax(-1))
+
+
 def test_repetition_penalty_touches_only_present_ids_of_each_row():
     from diffutron.sampling.policies import apply_repetition_penalty
 
@@ -285,6 +329,18 @@ def test_dual_cache_refresh_and_unchanged_window_equal_the_models_logits(lm):
                       logits_at(lm.model, canvas[1:], every[1:] & (torch.arange(canvas.shape[1]) >= 5)
                                 & (torch.arange(canvas.shape[1]) < 9), att[1:])])
     assert torch.allclose(window, want, atol=1e-5)
+    # a window writes its block's fresh keys and values into the store in place: a later window
+    # over other block tokens reads exactly what it reads after the refresh alone (one row: the
+    # store itself, no copy; two rows: stacked copies)
+    changed = ids.clone()
+    changed[:, :3] = 45
+    for rows, sl in (([0, 1], slice(None)), ([0], slice(0, 1))):
+        fresh, used = DualCache(lm.model), DualCache(lm.model)
+        with torch.inference_mode():
+            fresh.refresh(rows, canvas[sl], att[sl], every[sl])
+            used.refresh(rows, canvas[sl], att[sl], every[sl])
+            used.window(rows, changed[sl], spans[sl], pos[sl])
+            assert torch.equal(used.window(rows, ids[sl], spans[sl], pos[sl]), fresh.window(rows, ids[sl], spans[sl], pos[sl]))
 
 
 def test_dual_cache_decoding(lm):

@@ -87,6 +87,13 @@ def test_stage_yaml_is_strict_and_names_file_line_and_key(tmp_path):
     assert config.data.train == ["a.jsonl", "b.jsonl"]
     with pytest.raises(DiffutronError, match=r"warmup_ratio: 2.0 must be >= 0.0 and <= 1.0"):
         build(TrainConfig, {"warmup_ratio": 2})
+    y.write_text("loss_weighting: bert\n", encoding="utf-8")
+    with pytest.raises(DiffutronError, match=r"stage\.yaml:1: loss_weighting: 'bert' is not one of elbo, flat"):
+        load_train_config(y)
+    from diffutron.objective import WEIGHTINGS
+    from diffutron.training.config import LOSS_WEIGHTINGS
+
+    assert LOSS_WEIGHTINGS == WEIGHTINGS
 
 
 def test_full_pretraining_lowers_heldout_loss_and_writes_a_loadable_model(files, tmp_path):
@@ -141,9 +148,10 @@ def cli_main_raise(argv):
     return args.func(args)
 
 
-@pytest.mark.parametrize("arch, lora, weighted", [("modernbert", False, False), ("modernbert", True, True),
-                                                  ("bert", False, True)])
-def test_fused_loss_equals_mdlm_loss_in_value_and_gradients(arch, lora, weighted):
+@pytest.mark.parametrize("arch, lora, weighted, weighting", [
+    ("modernbert", False, False, "elbo"), ("modernbert", True, True, "elbo"), ("bert", False, True, "elbo"),
+    ("modernbert", False, True, "flat")])
+def test_fused_loss_equals_mdlm_loss_in_value_and_gradients(arch, lora, weighted, weighting):
     from diffutron.objective import mdlm_loss
     from diffutron.training.fused_loss import _fused_output, fused_mdlm_loss, output_layer
 
@@ -171,7 +179,7 @@ def test_fused_loss_equals_mdlm_loss_in_value_and_gradients(arch, lora, weighted
     for fn in (mdlm_loss, fused_mdlm_loss):
         model.zero_grad(set_to_none=True)
         loss = fn(model, ids, maskable, mask_token_id=tok.mask_token_id, attention_mask=att, t=t, noise_mask=noise,
-                  target_weight=weight)
+                  target_weight=weight, weighting=weighting)
         loss.backward()
         grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (ref, ref_g), (got, got_g) = grads
@@ -186,7 +194,7 @@ def test_fused_loss_equals_mdlm_loss_in_value_and_gradients(arch, lora, weighted
     fl._CHUNK_ELEMENTS = len(tok) * 2  # two rows per chunk
     try:
         again = fused_mdlm_loss(model, ids, maskable, mask_token_id=tok.mask_token_id, attention_mask=att, t=t,
-                                noise_mask=noise, target_weight=weight)
+                                noise_mask=noise, target_weight=weight, weighting=weighting)
     finally:
         fl._CHUNK_ELEMENTS = old
     assert again.item() == pytest.approx(ref, rel=1e-5)

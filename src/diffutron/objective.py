@@ -7,6 +7,11 @@ For a batch of b sequences::
 with t_i ~ U(eps, 1), each maskable token masked with probability 1 - alpha(t_i), the ELBO
 weight w(t) = -alpha'(t) / (1 - alpha(t)) (= 1/t for the linear schedule) and N_i the number of
 maskable tokens of sequence i. Logits are computed only at masked positions.
+
+``weighting="flat"`` replaces w(t_i) / N_i by 1 / N, N the masked tokens of the batch: every
+masked token weighs the same, as in BERT's masked-LM loss. That is not a bound on the
+likelihood; it is a training choice (the embedded tiny model's stage 0 uses it: with the ELBO
+weights it learned to read context far more slowly, README).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import torch.nn.functional as F
 from .backbone import logits_at
 from .errors import DiffutronError
 from .schedules import get_schedule, sample_t
+
+WEIGHTINGS = ("elbo", "flat")
 
 
 def draw_noise(
@@ -39,12 +46,19 @@ def token_weights(
     *,
     schedule: str = "linear",
     target_weight: torch.Tensor | None = None,
+    weighting: str = "elbo",
 ) -> torch.Tensor:
-    """Each masked token's share of the batch loss, w(t_i) / N_i / b (x its target weight): [N]
-    in the row-major order of ``noise_mask``. The loss is ``sum_j token_weights_j * CE_j``."""
+    """Each masked token's share of the batch loss, w(t_i) / N_i / b (``elbo``) or 1 / N (``flat``,
+    N masked tokens in the batch), times its target weight: [N] in the row-major order of
+    ``noise_mask``. The loss is ``sum_j token_weights_j * CE_j``."""
+    if weighting not in WEIGHTINGS:
+        raise DiffutronError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
     rows = noise_mask.nonzero()[:, 0]
-    n_maskable = maskable.sum(dim=1).clamp(min=1).float()
-    weights = get_schedule(schedule).weight(t.float())[rows] / n_maskable[rows] / noise_mask.shape[0]
+    if weighting == "flat":
+        weights = torch.ones(rows.shape[0], device=noise_mask.device) / max(rows.shape[0], 1)
+    else:
+        n_maskable = maskable.sum(dim=1).clamp(min=1).float()
+        weights = get_schedule(schedule).weight(t.float())[rows] / n_maskable[rows] / noise_mask.shape[0]
     if target_weight is not None:
         weights = weights * target_weight.float()[noise_mask]
     return weights
@@ -64,6 +78,7 @@ def mdlm_loss(
     eps: float = 1e-3,
     t_sampling: str = "iid",
     target_weight: torch.Tensor | None = None,
+    weighting: str = "elbo",
 ) -> torch.Tensor:
     """MDLM loss of a batch (scalar tensor).
 
@@ -79,6 +94,8 @@ def mdlm_loss(
         generator: RNG for t and masks (the default RNG when None).
         target_weight: optional float [B, L] multiplying each token's term (e.g. a weight < 1 on
             padding targets).
+        weighting: ``elbo`` (the MDLM bound, the paper) or ``flat`` (every masked token of the
+            batch weighs the same; see the module docstring).
 
     Rows without a maskable token add 0 and still count in the batch mean. When nothing is
     masked the loss is an exact 0 that still depends on every parameter, so distributed
@@ -104,5 +121,6 @@ def mdlm_loss(
     # 4. cross-entropy per masked token, weighted by w(t_i) / N_i / b: the per-sequence sum over
     #    its maskable length, averaged over the batch  [N] -> []
     ce = F.cross_entropy(logits.float(), input_ids[noise_mask], reduction="none")
-    weights = token_weights(t, noise_mask, maskable, schedule=schedule, target_weight=target_weight)
+    weights = token_weights(t, noise_mask, maskable, schedule=schedule, target_weight=target_weight,
+                            weighting=weighting)
     return (weights.to(ce.device) * ce).sum()

@@ -80,6 +80,11 @@ class DualCache:
         return {"full_attention": full, "sliding_attention": full & near[:, None]}
 
     def _stacked(self, rows: list[int], layer: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [b, h, width, d] of ``rows`` at ``layer``: one row's own tensors as a view
+        (no copy), several rows stacked (padded to ``width``)."""
+        if len(rows) == 1 and self.kv[rows[0]][layer][0].shape[1] == width:
+            k, v = self.kv[rows[0]][layer]
+            return k.unsqueeze(0), v.unsqueeze(0)
         ks, vs = [], []
         for r in rows:
             k, v = self.kv[r][layer]
@@ -112,11 +117,13 @@ class DualCache:
                 for j, r in enumerate(rows):
                     self.kv[r].append((k[j], v[j]))
                 keys, values = k, v
-            else:  # the stored canvas with this window's fresh keys and values written over it
+            else:  # the stored canvas with this window's fresh keys and values written over it, in place:
+                # only the block changes until the next refresh, and each step rewrites all of it
+                for j, (r, (s, e)) in enumerate(zip(rows, spans)):
+                    stored_k, stored_v = self.kv[r][i]
+                    stored_k[:, s:e] = k[j, :, : e - s]
+                    stored_v[:, s:e] = v[j, :, : e - s]
                 keys, values = self._stacked(rows, i, keys_att.shape[1])
-                for j, (s, e) in enumerate(spans):
-                    keys[j, :, s:e] = k[j, :, : e - s]
-                    values[j, :, s:e] = v[j, :, : e - s]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[layer.attention_type],
                                                  scale=self.head_dim ** -0.5)
             x = x + layer.attn.Wo(out.transpose(1, 2).reshape(b, n, -1))

@@ -11,6 +11,9 @@ import math
 import torch
 
 
+EXP_FLOOR = -87.0  # exp(-87) = 1.6e-38, just above float32's smallest normal number (see propose)
+
+
 def block_schedule(masks: int, steps: int) -> list[int]:
     """Tokens to reveal at each step of a block: step j reveals round(m / (S - j)), m = masks left.
 
@@ -68,6 +71,26 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def row_argmax(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """``logits.argmax(-1)`` for [N, V] (the first index among equal maxima), several times faster
+    on CPU for a 256k vocabulary: block maxima pick the first block holding the row's maximum,
+    then one ``chunk``-wide block is searched. Rows with NaN fall back to ``torch.argmax``."""
+    n, v = logits.shape
+    if v <= chunk:
+        return logits.argmax(-1)
+    pad = (-v) % chunk
+    blocks = (torch.nn.functional.pad(logits, (0, pad), value=float("-inf")) if pad else logits).view(n, -1, chunk)
+    block_max = blocks.amax(-1)  # [N, nb]
+    best = block_max.amax(-1, keepdim=True)  # [N, 1]
+    b = (block_max == best).byte().argmax(-1)  # first block with the maximum  [N]
+    inner = blocks[torch.arange(n, device=logits.device), b]  # [N, chunk]
+    out = b * chunk + (inner == best).byte().argmax(-1)
+    nan = best.squeeze(-1).isnan()
+    if bool(nan.any()):
+        out[nan] = logits[nan].argmax(-1)
+    return out
+
+
 def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Per row, the id i where the running sum of ``weights`` [N, V] (>= 0) first exceeds
     ``u`` [N] (in [0, 1)) times the row total: a draw from the normalised weights.
@@ -110,8 +133,14 @@ def propose(
     decoded. Confidence is read from softmax(logits) without temperature.
     """
     logits = logits.float()
+    row_max = logits.amax(-1, keepdim=True)  # [N, 1]
+    # exp() of arguments below ~-87 (results under float32's smallest normal, 1.2e-38) runs ~50x
+    # slower on CPU than in range. At temperature 0.1 a trained model puts most of a 256k vocabulary
+    # there ((logits - max) / T < -87 once a token is 8.7 nats below the best), so the weights are
+    # computed from arguments clamped at EXP_FLOOR: those tokens get weight 1.6e-38 instead of a
+    # subnormal or 0 (all of them together under 5e-33 of the mass); filtered tokens stay at 0.
     if temperature == 0:
-        x0 = logits.argmax(-1)
+        x0 = row_argmax(logits)
         if forbid is not None and bool((x0 == forbid).any()):
             bad = x0 == forbid
             x0[bad] = logits[bad].topk(2, dim=-1).indices[:, 1]
@@ -122,9 +151,12 @@ def propose(
             if forbid is not None:
                 scaled[:, forbid] = float("-inf")
             filtered = filter_top_k_top_p(scaled, top_k, top_p)
-            weights = (filtered - filtered.amax(-1, keepdim=True)).exp_()
+            weights = (filtered - filtered.amax(-1, keepdim=True)).clamp_(min=EXP_FLOOR).exp_()
+            weights.masked_fill_(filtered == float("-inf"), 0.0)
         else:
-            weights = logits.sub(logits.amax(-1, keepdim=True)).mul_(1.0 / temperature).exp_()
+            # (logits - max) / T in one pass: -max/T + logits/T
+            weights = torch.add(row_max * (-1.0 / temperature), logits, alpha=1.0 / temperature)
+            weights.clamp_(min=EXP_FLOOR).exp_()
             if forbid is not None:
                 weights[:, forbid] = 0.0
         # inverse-CDF sampling: one uniform per position from the row's own generator
@@ -134,7 +166,9 @@ def propose(
             u[sel] = torch.rand(sel.numel(), generator=generators[r], dtype=torch.float64)
         x0 = inverse_cdf(weights, u.to(logits.device))
     if remasking == "low_confidence":
-        conf = (logits.gather(-1, x0[:, None]).squeeze(-1) - logits.logsumexp(-1)).exp()
+        # p(x0) = exp(l_x0 - max) / sum exp(l - max): logsumexp's arithmetic, its max pass shared
+        total = torch.sub(logits, row_max).clamp_(min=EXP_FLOOR).exp_().sum(-1)
+        conf = (logits.gather(-1, x0[:, None]) - row_max).squeeze(-1).exp() / total
     elif remasking == "margin":
         top2 = logits.softmax(-1).topk(2, dim=-1).values
         conf = top2[:, 0] - top2[:, 1]

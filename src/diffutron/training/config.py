@@ -33,6 +33,7 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 T_SAMPLING = ("iid", "antithetic", "stratified")
 NOISE_SCHEDULES = ("linear", "loglinear", "cosine")
+LOSS_WEIGHTINGS = ("elbo", "flat")  # objective.WEIGHTINGS (kept here so settings load without torch)
 MODERNBERT_LORA_TARGETS = ["Wqkv", "Wo", "Wi"]
 
 
@@ -197,6 +198,9 @@ class TrainConfig:
 
     noise_schedule: str = _help("masking schedule alpha(t): linear (the paper), loglinear, cosine", "linear")
     t_sampling: str = _help("diffusion times per batch: iid (the paper), antithetic or stratified", "iid")
+    loss_weighting: str = _help("elbo: each masked token weighs w(t) / its sequence's length, the MDLM bound "
+                                "(the paper); flat: every masked token of the batch weighs the same "
+                                "(BERT's masked-LM loss, not a bound)", "elbo")
     eps: float = _help("t = eps + (1 - eps) * u", 1e-3)
     fused_loss: bool = _help("compute the output layer and the cross-entropy together, in chunks: the same loss "
                              "and gradients with far less memory (false: objective.mdlm_loss)", True)
@@ -222,6 +226,7 @@ class TrainConfig:
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_choice("noise_schedule", self.noise_schedule, NOISE_SCHEDULES)
         _check_choice("t_sampling", self.t_sampling, T_SAMPLING)
+        _check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         _check_range("epochs", self.epochs, low=0.0, low_open=True)
         _check_range("max_steps", self.max_steps, low=1, allow_none=True)
         _check_range("batch_size", self.batch_size, low=1)

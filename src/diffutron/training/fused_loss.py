@@ -112,6 +112,7 @@ def fused_mdlm_loss(
     attention_mask: torch.Tensor | None = None,
     schedule: str = "linear",
     target_weight: torch.Tensor | None = None,
+    weighting: str = "elbo",
 ) -> torch.Tensor:
     """``objective.mdlm_loss`` for given ``t`` and ``noise_mask``, with the output layer and the
     cross-entropy fused (see the module docstring); falls back to ``mdlm_loss`` for models whose
@@ -119,14 +120,16 @@ def fused_mdlm_loss(
     layer = output_layer(model)
     if layer is None:
         return mdlm_loss(model, input_ids, maskable, mask_token_id=mask_token_id, attention_mask=attention_mask,
-                         t=t, noise_mask=noise_mask, schedule=schedule, target_weight=target_weight)
+                         t=t, noise_mask=noise_mask, schedule=schedule, target_weight=target_weight,
+                         weighting=weighting)
     maskable = maskable.bool()
     noise_mask = noise_mask.bool() & maskable
     t = t.to(input_ids.device).float()
     # 1. the noisy canvas  [B, L]
     noisy = torch.where(noise_mask, torch.full_like(input_ids, mask_token_id), input_ids)
     # 2. each masked token's weight, exactly as mdlm_loss normalises  [N]
-    weights = token_weights(t, noise_mask, maskable, schedule=schedule, target_weight=target_weight)
+    weights = token_weights(t, noise_mask, maskable, schedule=schedule, target_weight=target_weight,
+                            weighting=weighting)
     # 3. one forward of the model; its output layer returns the weighted CE sum  []
     with _fused_output(layer, input_ids[noise_mask], weights):
         return logits_at(model, noisy, noise_mask, attention_mask)

@@ -421,6 +421,7 @@ def _run(config, accelerator, out, state, resume, evaluators, model, tokenizer, 
                     model, batch.input_ids, batch.maskable, mask_token_id=mask_token_id,
                     attention_mask=batch.attention_mask, t=t, noise_mask=noise.to(accelerator.device),
                     schedule=config.noise_schedule, target_weight=batch.target_weight,
+                    weighting=config.loss_weighting,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
