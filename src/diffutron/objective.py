@@ -8,10 +8,10 @@ with t_i ~ U(eps, 1), each maskable token masked with probability 1 - alpha(t_i)
 weight w(t) = -alpha'(t) / (1 - alpha(t)) (= 1/t for the linear schedule) and N_i the number of
 maskable tokens of sequence i. Logits are computed only at masked positions.
 
-``weighting="flat"`` replaces w(t_i) / N_i by 1 / N, N the masked tokens of the batch: every
-masked token weighs the same, as in BERT's masked-LM loss. That is not a bound on the
-likelihood; it is a training choice (the embedded tiny model's stage 0 uses it: with the ELBO
-weights it learned to read context far more slowly, README).
+``weighting="flat"`` replaces w(t_i) / N_i by 1 / N, N the masked tokens of the batch (of each
+process's share of it in distributed training): every masked token weighs the same, as in BERT's
+masked-LM loss. That is not a bound on the likelihood; it is a training option. On a synthetic
+task that needs context, tiny models learned it far faster with it (benchmarks/loss_weighting.py).
 """
 
 from __future__ import annotations
