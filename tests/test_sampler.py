@@ -273,6 +273,28 @@ def test_trained_like_logits_sample_as_float64_softmax_and_confidence_is_exact()
     assert torch.equal(x0, logits.argmax(-1))
 
 
+def test_top_p_nucleus_from_partial_sorts_equals_full_sort(monkeypatch):
+    """top-p keeps the smallest prefix of sorted ids whose mass reaches p, found by topk of growing
+    size (full sort last): the kept set equals the one a float64 full sort gives."""
+    from diffutron.sampling import policies
+
+    monkeypatch.setattr(policies, "NUCLEUS_TRIES", (16, 256))  # small tiers: every path runs
+    g = torch.Generator().manual_seed(0)
+    paths = set()
+    for width in (10, 3000):
+        for spread in (0.05, 1.0, 30.0):  # flat (full sort), medium (second tier), peaked (first)
+            logits = torch.randn(6, width, generator=g) * spread
+            for p in (0.05, 0.5, 0.9, 0.99):
+                got = policies.filter_top_k_top_p(logits, 0, p)
+                sorted_logits, order = torch.sort(logits.double(), dim=-1, descending=True)
+                probs = sorted_logits.softmax(-1)
+                drop = torch.zeros(logits.shape, dtype=torch.bool).scatter(-1, order, probs.cumsum(-1) - probs >= p)
+                assert torch.equal(got == float("-inf"), drop), (width, spread, p)
+                assert torch.equal(got[~drop], logits[~drop])
+                paths.add(int((~drop).sum(-1).max()) > 256)
+    assert paths == {True, False}
+
+
 def test_repetition_penalty_touches_only_present_ids_of_each_row():
     from diffutron.sampling.policies import apply_repetition_penalty
 

@@ -12,6 +12,7 @@ import torch
 
 
 EXP_FLOOR = -87.0  # exp(-87) = 1.6e-38, just above float32's smallest normal number (see propose)
+NUCLEUS_TRIES = (1024, 16384)  # top-p: best ids tried, in turn, before a full sort
 
 
 def block_schedule(masks: int, steps: int) -> list[int]:
@@ -63,11 +64,22 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        # the nucleus lies in the k best ids once their mass reaches top_p (a trained model at a low
+        # temperature: within 1,024): sort only those; a full sort of 256k columns costs ~500 ms for
+        # 32 rows here, topk(1,024) ~25 ms, topk(16,384) ~75 ms
+        row_max = logits.amax(-1, keepdim=True)
+        lse = row_max + torch.sub(logits, row_max).clamp_(min=EXP_FLOOR).exp_().sum(-1, keepdim=True).log_()
+        for k in (*NUCLEUS_TRIES, logits.shape[-1]):
+            k = min(k, logits.shape[-1])
+            top, order = (logits.topk(k, dim=-1) if k < logits.shape[-1]
+                          else torch.sort(logits, dim=-1, descending=True))  # [N, k], descending
+            probs = (top - lse).exp()
+            cum = probs.cumsum(-1)
+            if k == logits.shape[-1] or bool((cum[:, -1] >= top_p).all()):
+                break
+        keep = cum - probs < top_p  # mass before this token still < p (the best is always kept)
+        out = torch.full_like(logits, float("-inf"))
+        logits = out.scatter_(-1, order, top.masked_fill(~keep, float("-inf")))
     return logits
 
 
