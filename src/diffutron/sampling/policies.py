@@ -15,6 +15,12 @@ EXP_FLOOR = -87.0  # exp(-87) = 1.6e-38, just above float32's smallest normal nu
 NUCLEUS_TRIES = (1024, 16384)  # top-p: best ids tried, in turn, before a full sort
 
 
+def sum_exp(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """sum(exp(logits - row_max)) over the last dim [N, 1], arguments clamped at EXP_FLOOR, where
+    exp() stays in float32's normal range (and fast on CPU; see propose)."""
+    return torch.sub(logits, row_max).clamp_(min=EXP_FLOOR).exp_().sum(-1, keepdim=True)
+
+
 def block_schedule(masks: int, steps: int) -> list[int]:
     """Tokens to reveal at each step of a block: step j reveals round(m / (S - j)), m = masks left.
 
@@ -68,7 +74,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         # temperature: within 1,024): sort only those; a full sort of 256k columns costs ~500 ms for
         # 32 rows here, topk(1,024) ~25 ms, topk(16,384) ~75 ms
         row_max = logits.amax(-1, keepdim=True)
-        lse = row_max + torch.sub(logits, row_max).clamp_(min=EXP_FLOOR).exp_().sum(-1, keepdim=True).log_()
+        lse = row_max + sum_exp(logits, row_max).log_()
         for k in (*NUCLEUS_TRIES, logits.shape[-1]):
             k = min(k, logits.shape[-1])
             top, order = (logits.topk(k, dim=-1) if k < logits.shape[-1]
@@ -179,8 +185,7 @@ def propose(
         x0 = inverse_cdf(weights, u.to(logits.device))
     if remasking == "low_confidence":
         # p(x0) = exp(l_x0 - max) / sum exp(l - max): logsumexp's arithmetic, its max pass shared
-        total = torch.sub(logits, row_max).clamp_(min=EXP_FLOOR).exp_().sum(-1)
-        conf = (logits.gather(-1, x0[:, None]) - row_max).squeeze(-1).exp() / total
+        conf = ((logits.gather(-1, x0[:, None]) - row_max).exp() / sum_exp(logits, row_max)).squeeze(-1)
     elif remasking == "margin":
         top2 = logits.softmax(-1).topk(2, dim=-1).values
         conf = top2[:, 0] - top2[:, 1]
