@@ -89,6 +89,12 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def in_blocks(x: torch.Tensor, chunk: int, fill: float) -> torch.Tensor:
+    """[N, V] as [N, ceil(V / chunk), chunk], the last block padded with ``fill``."""
+    pad = (-x.shape[-1]) % chunk
+    return (torch.nn.functional.pad(x, (0, pad), value=fill) if pad else x).view(x.shape[0], -1, chunk)
+
+
 def row_argmax(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """``logits.argmax(-1)`` for [N, V] (the first index among equal maxima), several times faster
     on CPU for a 256k vocabulary: block maxima pick the first block holding the row's maximum,
@@ -96,8 +102,7 @@ def row_argmax(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     n, v = logits.shape
     if v <= chunk:
         return logits.argmax(-1)
-    pad = (-v) % chunk
-    blocks = (torch.nn.functional.pad(logits, (0, pad), value=float("-inf")) if pad else logits).view(n, -1, chunk)
+    blocks = in_blocks(logits, chunk, float("-inf"))
     block_max = blocks.amax(-1)  # [N, nb]
     best = block_max.amax(-1, keepdim=True)  # [N, 1]
     b = (block_max == best).byte().argmax(-1)  # first block with the maximum  [N]
@@ -118,9 +123,8 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, chunk: int = 1024) -> to
     block picks the id. Probabilities are thus exact up to float32 rounding of block sums (1e-7
     relative). A zero-weight id (filtered or forbidden) is never returned.
     """
-    n, v = weights.shape
-    pad = (-v) % chunk
-    blocks = torch.nn.functional.pad(weights, (0, pad)).view(n, -1, chunk) if pad else weights.view(n, -1, chunk)
+    n = weights.shape[0]
+    blocks = in_blocks(weights, chunk, 0.0)
     cum = blocks.sum(-1).double().cumsum(-1)  # [N, nb]
     target = u.to(torch.float64) * cum[:, -1]
     nonzero = (cum < cum[:, -1:]).sum(-1)  # last block that holds weight
