@@ -7,7 +7,7 @@ Reports times measured in this one run and their ratios, since absolute speed on
 machine varies. Part 1 measures this machine's limits (matmul FLOP/s, streaming the 256k-row
 output matrix), part 2 compares ours with the reference on an mmBERT-small-shaped random model
 (greedy, repetition penalty 1.2: tokens must be identical), part 3 the approximate modes (threshold, bf16 / int8
-weights, the dual cache), part 4 the user-facing figure: one 64-token answer with the paper's settings on DiffutronLM-0.3B's shape.
+weights, the dual and delayed caches), part 4 the user-facing figure: one 64-token answer with the paper's settings on DiffutronLM-0.3B's shape.
 """
 
 from __future__ import annotations
@@ -147,6 +147,8 @@ def main() -> None:
     int8 = make_fast(random_mmbert("mmbert-small", vocab_size=vocab), "int8")
     rows.append(("int8 dynamic", int8, exact))
     rows.append(("int8 + dual cache", int8, exact.replace(cache="dual")))
+    rows.append(("delayed cache", model, exact.replace(cache="delayed")))
+    rows.append(("int8 + delayed cache", int8, exact.replace(cache="delayed")))
     for name, m, cfg in rows:
         t, o = best_of(lambda: ours(m, prompt, cfg), 2)
         print(f"{name:28s} {o.nfe:5d} {t:8.2f} {t_ours / t:8.2f}x {agreement(o.sequences[0], base_seq):10.3f}")
@@ -192,6 +194,9 @@ def main() -> None:
     t_int8, o = best_of(lambda: ours(base, prompt, fast), 1)
     print(f"ours, --fast int8 (+ dual cache) + threshold 0.9: {t_int8:6.1f} s ({o.nfe} forwards, agreement "
           f"{agreement(o.sequences[0], exact_seq):.3f})")
+    t_del, o = best_of(lambda: ours(base, prompt, fast.replace(cache="delayed")), 1)
+    print(f"ours, --fast int8 --cache delayed + threshold 0.9: {t_del:6.1f} s ({o.nfe} forwards, agreement "
+          f"{agreement(o.sequences[0], exact_seq):.3f}; {t_int8 / t_del:.2f}x the dual cache's speed)")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ def test_fast_turns_the_dual_cache_on_unless_cache_is_given(saved_model_dir):
     parser = argparse.ArgumentParser()
     add_sampler_args(parser)
     for flags, want in (([], "none"), (["--fast"], "dual"), (["--fast", "--cache", "none"], "none"),
-                        (["--fast", "int8", "--cfg-scale", "1"], "none"), (["--cache", "dual"], "dual")):
+                        (["--fast", "int8", "--cfg-scale", "1"], "none"), (["--cache", "dual"], "dual"),
+                        (["--cache", "delayed"], "delayed"), (["--fast", "int8", "--cache", "delayed"], "delayed")):
         args = parser.parse_args(flags)
         config = fast_setup(args, DiffusionLM.from_pretrained(saved_model_dir), sampler_config(args))
         assert config.cache == want, flags

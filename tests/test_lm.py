@@ -163,6 +163,36 @@ def test_fast_modes_run_with_the_dual_cache(saved_model_dir):
         assert lm.defaults.cache == "dual"  # a ModernBERT model: --fast turns the dual cache on
         (c,) = lm.generate("Merhaba", max_new_tokens=8, steps=8, block_length=4, stop_at_eos=False)
         assert c.completion_tokens <= 8 and c.nfe == 8
+    lm = DiffusionLM.from_pretrained(saved_model_dir).make_fast("int8", cache="delayed")
+    assert lm.defaults.cache == "delayed"
+    (c,) = lm.generate("Merhaba", max_new_tokens=8, steps=8, block_length=4, stop_at_eos=False)
+    assert c.nfe == 8
+    with pytest.raises(DiffutronError, match="invalid sampler setting cache='triple'"):
+        DiffusionLM.from_pretrained(saved_model_dir).make_fast("bf16", cache="triple")
+
+
+def test_int8_weights_are_close_to_float32_and_leave_the_engine_as_it_was(saved_model_dir):
+    from diffutron.backbone import make_fast
+
+    lm = DiffusionLM.from_pretrained(saved_model_dir)
+    engine = torch.backends.quantized.engine
+    int8 = make_fast(DiffusionLM.from_pretrained(saved_model_dir).model, "int8")
+    assert torch.backends.quantized.engine == engine  # the head's packing engine is set only while packing
+    assert type(int8.get_output_embeddings()).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    ids = torch.randint(5, lm.tokenizer.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want, got = lm.model(input_ids=ids).logits, int8(input_ids=ids).logits
+    assert (got - want).norm() / want.norm() < 0.05  # per-tensor int8
+
+
+def test_use_cache_needs_modernbert(tokenizer, saved_model_dir):
+    from diffutron.tiny import tiny_model
+
+    assert DiffusionLM.from_pretrained(saved_model_dir).use_cache("delayed").defaults.cache == "delayed"
+    lm = DiffusionLM(tiny_model(tokenizer, arch="bert"), tokenizer)
+    with pytest.raises(DiffutronError, match="ModernBERT masked LMs only"):
+        lm.use_cache("dual")
+    assert lm.use_cache("none").defaults.cache == "none"
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch build")

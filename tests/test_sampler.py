@@ -342,15 +342,22 @@ def test_dual_cache_refresh_and_unchanged_window_equal_the_models_logits(lm):
     with torch.inference_mode():
         assert torch.allclose(cache.refresh([0, 1], canvas, att, every), exact, atol=1e-5)
         # nothing changed since the refresh: a block window must read exactly what a full forward reads
-        spans = [(30, 38), (5, 9)]
-        ids = torch.stack([canvas[0, 30:38], torch.cat([canvas[1, 5:9], canvas[1, 9:13]])])
+        cols = torch.tensor([list(range(30, 38)), [5, 6, 7, 8, 5, 5, 5, 5]])  # row 1: 4 columns, padded
+        counts = [8, 4]
+        ids = canvas.gather(1, cols)
         pos = torch.tensor([[True] * 8, [True] * 4 + [False] * 4])
-        window = cache.window([0, 1], ids, spans, pos)
+        window = cache.window([0, 1], ids, cols, counts, pos)
     want = torch.cat([logits_at(lm.model, canvas[:1], every[:1] & (torch.arange(canvas.shape[1]) >= 30)
                                 & (torch.arange(canvas.shape[1]) < 38), att[:1]),
                       logits_at(lm.model, canvas[1:], every[1:] & (torch.arange(canvas.shape[1]) >= 5)
                                 & (torch.arange(canvas.shape[1]) < 9), att[1:])])
     assert torch.allclose(window, want, atol=1e-5)
+    # any subset of columns (cache="delayed" runs only masks and new tokens), not in order, one
+    # of them outside the sliding window of the others: still the model's logits there
+    some = torch.tensor([[36, 31, 2, 33]])
+    with torch.inference_mode():
+        got = cache.window([0], canvas[:1].gather(1, some), some, [4], torch.ones(1, 4, dtype=torch.bool))
+    assert torch.allclose(got, exact[some[0]], atol=1e-5)
     # a window writes its block's fresh keys and values into the store in place: a later window
     # over other block tokens reads exactly what it reads after the refresh alone (one row: the
     # store itself, no copy; two rows: stacked copies)
@@ -361,36 +368,79 @@ def test_dual_cache_refresh_and_unchanged_window_equal_the_models_logits(lm):
         with torch.inference_mode():
             fresh.refresh(rows, canvas[sl], att[sl], every[sl])
             used.refresh(rows, canvas[sl], att[sl], every[sl])
-            used.window(rows, changed[sl], spans[sl], pos[sl])
-            assert torch.equal(used.window(rows, ids[sl], spans[sl], pos[sl]), fresh.window(rows, ids[sl], spans[sl], pos[sl]))
+            used.window(rows, changed[sl], cols[sl], counts[sl], pos[sl])
+            assert torch.equal(used.window(rows, ids[sl], cols[sl], counts[sl], pos[sl]),
+                               fresh.window(rows, ids[sl], cols[sl], counts[sl], pos[sl]))
 
 
-def test_dual_cache_decoding(lm):
+@pytest.mark.parametrize("mode", ["dual", "delayed"])
+def test_dual_cache_decoding(lm, mode):
     prompts = [[12, 30, 41, 7, 19, 22, 23, 24], [33, 8], [50, 51, 52, 53, 54]]
     kw = dict(max_new_tokens=12, steps=12, block_length=4, temperature=0.0, stop_at_eos=False)
     exact = run(lm, prompts, **kw)
-    cached = run(lm, prompts, cache="dual", **kw)
+    cached = run(lm, prompts, cache=mode, **kw)
     # same forward count; the first step of every block is a full forward, so block 1's first token agrees
     assert cached.nfe == exact.nfe
     assert cached.sequences.shape == exact.sequences.shape
     assert not (cached.sequences == lm.mask_token_id).any()
     # a block decoded in one step never reads the cache: identical to exact decoding
     one = dict(kw, threshold=1e-9)
-    assert torch.equal(run(lm, prompts, cache="dual", **one).sequences, run(lm, prompts, **one).sequences)
+    assert torch.equal(run(lm, prompts, cache=mode, **one).sequences, run(lm, prompts, **one).sequences)
     # per-row state: a ragged batch equals each prompt alone; with a threshold, rows reach their
     # next block at different steps, so one step mixes refresh and window forwards
     for extra in ({}, {"threshold": 0.2}):
-        together = run(lm, prompts, cache="dual", **kw, **extra)
+        together = run(lm, prompts, cache=mode, **kw, **extra)
         for r, p in enumerate(prompts):
-            alone = run(lm, [p], cache="dual", **kw, **extra)
+            alone = run(lm, [p], cache=mode, **kw, **extra)
             assert together.sequences[r, : len(p) + 12].tolist() == alone.sequences[0, : len(p) + 12].tolist()
+
+
+def test_delayed_cache_runs_only_masks_and_new_tokens(lm, monkeypatch):
+    from diffutron.sampling.cache import DualCache
+
+    # which columns a window runs: all of the block (dual), or its masks and the tokens whose stored
+    # keys and values were computed for another id (delayed)
+    canvas, att, _ = _canvas(lm, [[12, 30, 41, 7, 19]], 8)
+    every = att.bool()
+    dual, delayed = DualCache(lm.model), DualCache(lm.model, delayed=True)
+    with torch.inference_mode():
+        for c in (dual, delayed):
+            c.refresh([0], canvas, att, every)
+    m = lm.mask_token_id
+    assert dual.columns(0, canvas[0], (5, 9), m).tolist() == [5, 6, 7, 8]
+    assert delayed.columns(0, canvas[0], (5, 9), m).tolist() == [5, 6, 7, 8]  # all masks
+    canvas[0, 6] = 44  # committed: stored keys/values were computed for the mask
+    assert delayed.columns(0, canvas[0], (5, 9), m).tolist() == [5, 6, 7, 8]
+    canvas[0, 5] = 45
+    cols = delayed.columns(0, canvas[0], (5, 9), m)
+    with torch.inference_mode():
+        delayed.window([0], canvas[:1].gather(1, cols[None]), cols[None], [len(cols)],
+                       torch.ones(1, len(cols), dtype=torch.bool))
+    assert delayed.columns(0, canvas[0], (5, 9), m).tolist() == [7, 8]  # 5 and 6 are stored as themselves now
+    canvas[0, 8] = 46
+    assert delayed.columns(0, canvas[0], (5, 9), m).tolist() == [7, 8]
+
+    # in decoding: one token per step in a block of 4 runs 4 columns every window step with
+    # "dual", and the 3, 2, 1 masks left plus the 1 token committed just before with "delayed"
+    sizes = []
+    original = DualCache.window
+    monkeypatch.setattr(DualCache, "window",
+                        lambda self, rows, ids, cols, counts, pos: sizes.append(list(counts))
+                        or original(self, rows, ids, cols, counts, pos))
+    kw = dict(max_new_tokens=8, steps=8, block_length=4, temperature=0.0, stop_at_eos=False)
+    run(lm, [[12, 30, 41, 7, 19]], cache="dual", **kw)
+    assert sizes == [[4]] * 6
+    sizes.clear()
+    run(lm, [[12, 30, 41, 7, 19]], cache="delayed", **kw)
+    assert sizes == [[4], [3], [2]] * 2
 
 
 def test_dual_cache_refuses_cfg_and_other_encoders(tokenizer):
     from diffutron.sampling.cache import DualCache
     from diffutron.tiny import tiny_model
 
-    with pytest.raises(DiffutronError, match="cfg_scale=0"):
-        SamplerConfig(cache="dual", cfg_scale=1.0)
+    for mode in ("dual", "delayed"):
+        with pytest.raises(DiffutronError, match="cfg_scale=0"):
+            SamplerConfig(cache=mode, cfg_scale=1.0)
     with pytest.raises(DiffutronError, match="ModernBERT masked LMs only"):
         DualCache(tiny_model(tokenizer, arch="bert"))

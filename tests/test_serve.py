@@ -611,7 +611,7 @@ def test_cli_serve_refuses_a_busy_port(capsys):
 def test_cli_serve(tmp_path):
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "diffutron", "serve", "--port", str(port), "--served-model-name", "demo",
+    cmd = [sys.executable, "-m", "diffutron", "serve", "--port", str(port), "--served-model-name", "demo", "--cache", "delayed",
            "--max-batch-size", "4", "--log-level", "warning"]
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:

@@ -89,13 +89,24 @@ class DiffusionLM:
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
 
-    def make_fast(self, mode: str = "bf16", *, cache: bool = True) -> "DiffusionLM":
+    def make_fast(self, mode: str = "bf16", *, cache: str | bool = "dual") -> "DiffusionLM":
         """Switch to approximate, faster decoding in place: ``bf16`` or ``int8`` weights (see
-        backbone.make_fast) and, with ``cache`` and a ModernBERT model, ``cache="dual"`` in
-        ``defaults`` (see sampling.cache)."""
+        backbone.make_fast) and, for a ModernBERT model, ``cache`` ("dual", "delayed" or "none";
+        True = "dual") in ``defaults`` (see sampling.cache)."""
+        cache = {True: "dual", False: "none"}.get(cache, cache)
+        SamplerConfig(cache=cache)  # a bad name fails before the weights change
         self.model = backbone.make_fast(self.model, mode)
-        if cache and DualCache.supports(self.model) and self.defaults.cfg_scale == 0:
-            self.defaults = self.defaults.replace(cache="dual")
+        if cache != "none" and DualCache.supports(self.model) and self.defaults.cfg_scale == 0:
+            self.defaults = self.defaults.replace(cache=cache)
+        return self
+
+    def use_cache(self, cache: str) -> "DiffusionLM":
+        """Decode with ``cache`` ("none", "dual" or "delayed"; see sampling.cache) by default."""
+        config = self.defaults.replace(cache=cache)
+        if cache != "none" and not DualCache.supports(self.model):
+            raise DiffutronError(f"cache={cache!r} runs on ModernBERT masked LMs only, not "
+                                 f"{type(backbone.unwrap(self.model)).__name__}: use cache='none'")
+        self.defaults = config
         return self
 
     # ------------------------------------------------------------------------------ properties

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import DiffutronError
-from ..sampling import REMASKING, SamplerConfig
+from ..sampling import CACHES, REMASKING, SamplerConfig
 from ._common import add_model_args, load_lm
 
 
@@ -32,9 +32,10 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fast", choices=["bf16", "int8"], nargs="?", const="bf16", default=None,
                    help="approximate but faster: bf16 (default for --fast) or int8 dynamic quantization weights, "
                         "and the dual cache unless --cache says otherwise")
-    g.add_argument("--cache", choices=["none", "dual"], default=None,
+    g.add_argument("--cache", choices=CACHES, default=None,
                    help="dual: a block's later steps run only its own tokens against keys and values stored at "
-                        "the block's start (approximate, ModernBERT; default with --fast); none: exact (default)")
+                        "the block's start (approximate, ModernBERT; default with --fast); delayed: dual, and "
+                        "each step runs only the block's masks and newly committed tokens; none: exact (default)")
 
 
 def sampler_config(args: argparse.Namespace) -> SamplerConfig:
@@ -52,8 +53,8 @@ def fast_setup(args, lm, config: SamplerConfig) -> SamplerConfig:
     if not args.fast:
         return config
     lm.make_fast(args.fast)
-    if args.cache is None and lm.defaults.cache == "dual" and config.cfg_scale == 0:
-        return config.replace(cache="dual")
+    if args.cache is None and lm.defaults.cache != "none" and config.cfg_scale == 0:
+        return config.replace(cache=lm.defaults.cache)
     return config
 
 

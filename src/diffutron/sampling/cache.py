@@ -1,4 +1,4 @@
-"""Dual key/value cache for ModernBERT: the approximate ``SamplerConfig(cache="dual")``.
+"""Dual key/value cache for ModernBERT: the approximate ``SamplerConfig(cache="dual" | "delayed")``.
 
 Fast-dLLM's DualCache, for semi-autoregressive block decoding. When a row starts a block, one
 forward over its whole canvas stores every layer's keys and values (after rotary embedding).
@@ -8,6 +8,11 @@ to freshly computed keys and values inside the block and to the stored ones ever
 during the block, so what is stale is how the rest of the canvas would have re-read them:
 the outputs differ from exact decoding, while a step costs about block_length / canvas of a
 full forward. Measured agreement and speed are in the README (benchmarks/sampler.py).
+
+``delayed`` (dKV-Cache's one-step delay, inside the dual cache) narrows each step further: a
+committed token's keys and values are computed once, in the step after it was committed (the
+first forward that sees it as itself), and then read from the store until the block ends. A step
+runs only the block's masks and its newly committed tokens, about half a block on average.
 
 The layer loop below is ModernBERT's own forward written out over the model's modules (so the
 weights, rotary tables, local/global attention windows, bf16 or int8 layers are the model's);
@@ -30,7 +35,7 @@ class DualCache:
     def supports(model: torch.nn.Module) -> bool:
         return type(unwrap(model)).__name__ == "ModernBertForMaskedLM"
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, delayed: bool = False):
         inner = unwrap(model)
         if not self.supports(inner):
             raise DiffutronError(f"cache='dual' supports ModernBERT masked LMs only, not {type(inner).__name__}: "
@@ -44,6 +49,8 @@ class DualCache:
         self.half_window = config.local_attention // 2  # sliding layers: |q - k| <= half_window
         self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # row -> per layer ([h, L, d], [h, L, d])
         self.keys_att: dict[int, torch.Tensor] = {}  # row -> bool [L], real key positions
+        self.ids: dict[int, torch.Tensor] = {}  # row -> [L], the token each stored key/value was computed for
+        self.delayed = delayed
 
     def refresh(self, rows: list[int], input_ids: torch.Tensor, attention: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
@@ -55,18 +62,28 @@ class DualCache:
         for j, r in enumerate(rows):
             self.kv[r] = []
             self.keys_att[r] = att[j]
+            self.ids[r] = input_ids[j].clone()
         hidden = self._layers(input_ids, pos, rows, att=att)
         return self._logits(hidden[positions])
 
-    def window(self, rows: list[int], input_ids: torch.Tensor, spans: list[tuple[int, int]],
+    def columns(self, row: int, canvas_row: torch.Tensor, span: tuple[int, int], mask_token_id: int) -> torch.Tensor:
+        """The canvas columns a window step of ``row`` runs in its block ``span``: all of them, or
+        (delayed) the masks and the tokens whose stored keys and values were computed for another id."""
+        s, e = span
+        if not self.delayed:
+            return torch.arange(s, e, device=canvas_row.device)
+        seg = canvas_row[s:e]
+        return s + ((seg == mask_token_id) | (seg != self.ids[row][s:e])).nonzero().squeeze(-1)
+
+    def window(self, rows: list[int], input_ids: torch.Tensor, cols: torch.Tensor, counts: list[int],
                positions: torch.Tensor) -> torch.Tensor:
-        """Forward of each row's block ``spans[j] = (start, end)`` of its canvas (``input_ids`` [b, W],
-        right-padded when a block is shorter than W) against the stored keys and values outside
-        it; logits [N, V] at the True entries of ``positions`` [b, W] (row-major)."""
-        b, w = input_ids.shape
-        starts = torch.tensor([s for s, _ in spans], device=input_ids.device)
-        pos = starts[:, None] + torch.arange(w, device=input_ids.device)
-        hidden = self._layers(input_ids, pos, rows, spans=spans)
+        """Forward of the canvas columns ``cols[j, :counts[j]]`` of each row (``input_ids`` [b, n]
+        their tokens; later entries pad a shorter row, repeat one of its columns and are neither
+        stored nor read) against the stored keys and values everywhere else; logits [N, V] at the
+        True entries of ``positions`` [b, n] (row-major)."""
+        for j, r in enumerate(rows):
+            self.ids[r][cols[j, : counts[j]]] = input_ids[j, : counts[j]]
+        hidden = self._layers(input_ids, cols, rows, counts=counts)
         return self._logits(hidden[positions])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -94,11 +111,12 @@ class DualCache:
         return torch.stack(ks), torch.stack(vs)
 
     def _layers(self, input_ids: torch.Tensor, pos: torch.Tensor, rows: list[int], *,
-                att: torch.Tensor | None = None, spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+                att: torch.Tensor | None = None, counts: list[int] | None = None) -> torch.Tensor:
         """The encoder over ``input_ids`` at positions ``pos`` [b, n]: with ``att`` (a refresh) the
-        whole canvas, storing keys and values; with ``spans`` each row's block against the store."""
+        whole canvas, storing keys and values; with ``counts`` (a window) each row's first
+        ``counts[j]`` columns against the store, their keys and values written into it."""
         enc = self.encoder
-        store = spans is None
+        store = counts is None
         b, n = input_ids.shape
         x = enc.embeddings(input_ids=input_ids)
         rope = {t: enc.rotary_emb(x, pos, t) for t in set(enc.config.layer_types)}
@@ -106,6 +124,7 @@ class DualCache:
             keys_att = att
         else:
             width = max(self.keys_att[r].shape[0] for r in rows)
+            writes = [(self.kv[r], pos[j, :c], j, c) for j, (r, c) in enumerate(zip(rows, counts))]
             keys_att = torch.stack([F.pad(self.keys_att[r], (0, width - self.keys_att[r].shape[0])) for r in rows])
         masks = self._masks(pos, keys_att)
         for i, layer in enumerate(enc.layers):
@@ -118,11 +137,10 @@ class DualCache:
                     self.kv[r].append((k[j], v[j]))
                 keys, values = k, v
             else:  # the stored canvas with this window's fresh keys and values written over it, in place:
-                # only the block changes until the next refresh, and each step rewrites all of it
-                for j, (r, (s, e)) in enumerate(zip(rows, spans)):
-                    stored_k, stored_v = self.kv[r][i]
-                    stored_k[:, s:e] = k[j, :, : e - s]
-                    stored_v[:, s:e] = v[j, :, : e - s]
+                # only the block changes until the next refresh, and each step rewrites what it ran
+                for kv, where, j, c in writes:
+                    kv[i][0].index_copy_(1, where, k[j, :, :c])
+                    kv[i][1].index_copy_(1, where, v[j, :, :c])
                 keys, values = self._stacked(rows, i, keys_att.shape[1])
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[layer.attention_type],
                                                  scale=self.head_dim ** -0.5)

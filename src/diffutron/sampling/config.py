@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from ..errors import DiffutronError
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
-CACHES = ("none", "dual")
+CACHES = ("none", "dual", "delayed")
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,10 @@ class SamplerConfig:
             least this (Fast-dLLM), and never fewer than the schedule's count.
         cfg_scale: classifier-free guidance scale (0 = off); costs a second forward per step.
         stop_at_eos: stop a row after the block in which its answer ended (EOS or end of turn).
-        cache: "none" (exact) or "dual" (approximate, ModernBERT only: a block's later steps run
-            only the block's tokens against keys and values stored at the block's start).
+        cache: "none" (exact), "dual" (approximate, ModernBERT only: a block's later steps run
+            only the block's tokens against keys and values stored at the block's start) or
+            "delayed" (the dual cache, and a committed token's keys and values are computed once,
+            the step after it was committed: a step runs only the block's masks and new tokens).
         seed: an int (row r uses seed + r) or one int per row.
     """
 
@@ -77,7 +79,7 @@ class SamplerConfig:
             raise bad("cfg_scale", self.cfg_scale, "must be >= 0 (0 = off)")
         if self.cache not in CACHES:
             raise bad("cache", self.cache, f"choose one of {', '.join(CACHES)}")
-        if self.cache == "dual" and self.cfg_scale > 0:
+        if self.cache != "none" and self.cfg_scale > 0:
             raise bad("cache", self.cache, "the dual cache does not run classifier-free guidance: set cfg_scale=0 "
                       "or cache='none'")
         if isinstance(self.seed, list):

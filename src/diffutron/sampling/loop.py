@@ -137,7 +137,7 @@ def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token
         rows.append(_Row(blocks=blocks, steps=policies.steps_per_block(cfg.steps, len(blocks))))
         starts.append(first)
     generators = [torch.Generator().manual_seed(s) for s in cfg.row_seeds(b)]
-    cache = DualCache(model) if cfg.cache == "dual" else None
+    cache = DualCache(model, delayed=cfg.cache == "delayed") if cfg.cache != "none" else None
 
     def masks_left(r: int) -> int:
         s, e = rows[r].blocks[rows[r].block]
@@ -195,7 +195,7 @@ def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token
         # 2. logits there only; CFG runs the prompt-masked canvas in the same batch  [N, V]
         forwards = 1
         if cache is not None:  # a full forward for rows starting a block, a block window for the rest
-            logits, forwards = _cached_logits(cache, rows, work, x, att, target)
+            logits, forwards = _cached_logits(cache, rows, work, x, att, target, mask_token_id)
         elif cfg.cfg_scale > 0:
             uncond = torch.where(prompt_index[sel, :width], torch.full_like(x, mask_token_id), x)
             both = logits_at(model, torch.cat([x, uncond]), torch.cat([target, target]),
@@ -246,10 +246,10 @@ def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token
 
 
 def _cached_logits(cache: DualCache, rows: list[_Row], work: list[tuple[int, int]], x: torch.Tensor,
-                   att: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """cache="dual": logits [N, V] at ``target`` (row-major over ``work``), from a full forward for
-    rows that start a block (storing their keys and values) and a block-window forward for the
-    rest; returns ``(logits, forwards run)``."""
+                   att: torch.Tensor, target: torch.Tensor, mask_token_id: int) -> tuple[torch.Tensor, int]:
+    """cache="dual" / "delayed": logits [N, V] at ``target`` (row-major over ``work``), from a full
+    forward for rows that start a block (storing their keys and values) and a window forward over
+    the block (``cache.columns``) for the rest; returns ``(logits, forwards run)``."""
     fresh = [i for i, (r, _) in enumerate(work) if rows[r].cached_block != rows[r].block]
     warm = [i for i, (r, _) in enumerate(work) if rows[r].cached_block == rows[r].block]
     offsets = [0, *itertools.accumulate(target.sum(1).tolist())]  # row i's logits: offsets[i]:offsets[i + 1]
@@ -260,15 +260,16 @@ def _cached_logits(cache: DualCache, rows: list[_Row], work: list[tuple[int, int
         for i in fresh:
             rows[work[i][0]].cached_block = rows[work[i][0]].block
     if warm:
-        spans = [rows[work[i][0]].blocks[rows[work[i][0]].block] for i in warm]
-        w = max(e - s for s, e in spans)
+        runs = [cache.columns(work[i][0], x[i], rows[work[i][0]].blocks[rows[work[i][0]].block], mask_token_id)
+                for i in warm]
+        counts = [len(c) for c in runs]
+        n = max(counts)  # a shorter row repeats its first column (never stored nor read)
+        cols = torch.stack([torch.cat([c, c[:1].expand(n - len(c))]) for c in runs])
         idx = torch.tensor(warm, device=x.device)
-        cols = torch.tensor([s for s, _ in spans], device=x.device)[:, None] + torch.arange(w, device=x.device)
-        inside = cols < torch.tensor([e for _, e in spans], device=x.device)[:, None]
-        cols = cols.clamp(max=x.shape[1] - 1)  # a shorter block's window is padded (never read)
+        valid = torch.arange(n, device=x.device) < torch.tensor(counts, device=x.device)[:, None]
         ids = x[idx].gather(1, cols)
-        pos = target[idx].gather(1, cols) & inside
-        parts.append(cache.window([work[i][0] for i in warm], ids, spans, pos))
+        pos = target[idx].gather(1, cols) & valid
+        parts.append(cache.window([work[i][0] for i in warm], ids, cols, counts, pos))
     if len(parts) == 1:  # one group: already in row-major order
         return parts[0], 1
     order = [k for i in fresh + warm for k in range(offsets[i], offsets[i + 1])]
