@@ -229,19 +229,35 @@ def test_sampling_follows_softmax_over_temperature_and_never_the_forbidden_id():
     assert torch.allclose(freq[:4], expected, atol=0.03)
 
 
-def test_row_argmax_is_torch_argmax_first_of_ties():
-    from diffutron.sampling.policies import row_argmax
+def test_block_argmax_is_torch_argmax_first_of_ties():
+    from diffutron.sampling.policies import block_argmax
 
     g = torch.Generator().manual_seed(0)
     for width in (7, 1024, 3000, 4096, 70001):  # below one chunk, exact chunks, ragged last chunk
         x = torch.randint(-3, 3, (9, width), generator=g).float()  # many ties: the first must win
         x[0] = -5.0
         x[0, width // 2 :] = 7.0  # the maximum starts mid-row, in a later chunk
-        assert torch.equal(row_argmax(x), x.argmax(-1)), width
+        index, best = block_argmax(x)
+        assert torch.equal(index, x.argmax(-1)), width
+        assert torch.equal(best, x.amax(-1, keepdim=True))
     x = torch.randn(3, 5000, generator=g)
     x[1, 7] = float("nan")
     x[2, 4000] = float("inf")
-    assert torch.equal(row_argmax(x), x.argmax(-1))
+    assert torch.equal(block_argmax(x)[0], x.argmax(-1))
+
+
+def test_top2_values_equal_torch_topk():
+    from diffutron.sampling.policies import top2_values
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 7, generator=g)
+    assert torch.equal(top2_values(x), x.topk(2, dim=-1).values)  # below one block
+    for width in (3000, 70001):
+        x = torch.randn(6, width, generator=g)
+        x[1, 5] = x[1, 2900] = 9.0  # the maximum twice, in different blocks
+        x[2, 10] = x[2, 11] = 9.0  # twice in one block
+        x[3, 2999], x[3, 0] = 9.0, 8.0  # the best two in the first and the last block
+        assert torch.equal(top2_values(x), x.topk(2, dim=-1).values), width
 
 
 def test_trained_like_logits_sample_as_float64_softmax_and_confidence_is_exact():
@@ -271,6 +287,44 @@ def test_trained_like_logits_sample_as_float64_softmax_and_confidence_is_exact()
     x0, _ = propose(logits, rows, [torch.Generator().manual_seed(r) for r in range(6)], temperature=0.1,
                     top_k=1, top_p=1.0, remasking="low_confidence", forbid=None)
     assert torch.equal(x0, logits.argmax(-1))
+
+
+def test_one_pass_scan_and_confidences_equal_full_width_references(monkeypatch):
+    """propose reads all V columns once, in L2-sized chunks, and recomputes the weights of the one
+    block a draw lands in: same normaliser, block sums and draws as full-width tensors give."""
+    from diffutron.sampling import policies
+
+    monkeypatch.setattr(policies, "SCAN_BYTES", 4 * 5 * 2048)  # 5 rows: 2,048-column chunks, the last ragged
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 9000, generator=g) * 3.0
+    logits[:2, 4500] = 30.0  # the forbidden id leads two rows
+    row_max = logits.amax(-1, keepdim=True)
+    clamped = (logits - row_max).clamp(min=policies.EXP_FLOOR)
+    for temperature in (0.0, 0.1, 1.0):
+        z, sums, m1 = policies.scan(logits, row_max, temperature, forbid=4500, moment=True)
+        torch.testing.assert_close(z, clamped.exp().sum(-1, keepdim=True), rtol=1e-5, atol=0)
+        torch.testing.assert_close(m1, (clamped.exp() * clamped).sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+        if temperature == 0:
+            assert sums is None
+            continue
+        w = policies.sampling_weights(logits, row_max, temperature)
+        w[:, 4500] = 0.0
+        assert sums.shape == (5, 9) and torch.equal(sums, policies.in_blocks(w, 1024, 0.0).sum(-1))
+        gens = [torch.Generator().manual_seed(s) for s in range(5)]
+        x0, conf = policies.propose(logits, torch.arange(5), gens, temperature=temperature, top_k=0, top_p=1.0,
+                                    remasking="low_confidence", forbid=4500)
+        u = torch.stack([torch.rand(1, generator=torch.Generator().manual_seed(s), dtype=torch.float64)[0]
+                         for s in range(5)])
+        assert torch.equal(x0, policies.inverse_cdf(w, u)) and not (x0 == 4500).any()
+        probs = torch.softmax(logits.double(), -1)
+        torch.testing.assert_close(conf.double(), probs.gather(1, x0[:, None]).squeeze(1), rtol=1e-5, atol=0)
+    probs = torch.softmax(logits.double(), -1)
+    rows, gens = torch.arange(5), [torch.Generator() for _ in range(5)]
+    _, margin = policies.propose(logits, rows, gens, temperature=0.0, top_k=0, top_p=1.0, remasking="margin")
+    top2 = probs.topk(2, dim=-1).values
+    torch.testing.assert_close(margin.double(), top2[:, 0] - top2[:, 1], rtol=1e-5, atol=1e-7)
+    _, neg_entropy = policies.propose(logits, rows, gens, temperature=0.0, top_k=0, top_p=1.0, remasking="entropy")
+    torch.testing.assert_close(neg_entropy.double(), (probs * probs.log()).sum(-1), rtol=1e-5, atol=1e-5)
 
 
 def test_top_p_nucleus_from_partial_sorts_equals_full_sort(monkeypatch):
