@@ -194,7 +194,7 @@ def main() -> None:
     base = make_fast(base, "bf16")
     ours(base, prompt, fast.replace(steps=2, max_new_tokens=block))  # warm-up
     t_fast, o = best_of(lambda: ours(base, prompt, fast), 1)
-    print(f"ours, --fast (bf16 + dual cache) + threshold 0.9: {t_fast:6.1f} s ({o.nfe} forwards, agreement "
+    print(f"ours, --fast bf16 --cache dual + threshold 0.9: {t_fast:6.1f} s ({o.nfe} forwards, agreement "
           f"{agreement(o.sequences[0], exact_seq):.3f}); bf16 alone below")
     t_bf, o = best_of(lambda: ours(base, prompt, paper.replace(threshold=0.9)), 1)
     print(f"ours, bf16 weights + threshold 0.9 (no cache): {t_bf:6.1f} s ({o.nfe} forwards)")
@@ -203,11 +203,11 @@ def main() -> None:
     ours(base, prompt, fast.replace(steps=2, max_new_tokens=block))  # warm-up
     t_int8, o = best_of(lambda: ours(base, prompt, fast), 3)  # a few seconds each: best of 3 on a shared machine
     per_int8 = t_int8 / o.nfe
-    print(f"ours, --fast int8 (+ dual cache) + threshold 0.9: {t_int8:6.1f} s ({o.nfe} forwards, agreement "
+    print(f"ours, --fast int8 --cache dual + threshold 0.9: {t_int8:6.1f} s ({o.nfe} forwards, agreement "
           f"{agreement(o.sequences[0], exact_seq):.3f})")
     t_del, o = best_of(lambda: ours(base, prompt, fast.replace(cache="delayed")), 3)
     per_del = t_del / o.nfe
-    print(f"ours, --fast int8 --cache delayed + threshold 0.9: {t_del:6.1f} s ({o.nfe} forwards, agreement "
+    print(f"ours, --fast int8 (+ delayed cache) + threshold 0.9: {t_del:6.1f} s ({o.nfe} forwards, agreement "
           f"{agreement(o.sequences[0], exact_seq):.3f}; {t_int8 / t_del:.2f}x the dual cache's speed)")
     del base
 
@@ -222,8 +222,8 @@ def main() -> None:
     mean = sum(nfe) / len(nfe)
     print(f"forwards per answer over {len(nfe)} prompts: mean {mean:.1f} of {settings.steps} "
           f"(min {min(nfe)}, max {max(nfe)})")
-    print(f"estimate at that rate (part 4's time per forward x these forwards): --fast int8 + dual cache "
-          f"{per_int8 * mean:.1f} s, --fast int8 --cache delayed {per_del * mean:.1f} s")
+    print(f"estimate at that rate (part 4's time per forward x these forwards): --fast int8 (delayed cache) "
+          f"{per_del * mean:.1f} s, --fast int8 --cache dual {per_int8 * mean:.1f} s")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def test_non_utf8_argv_prompt(saved_model_dir):
     assert r.returncode == 2 and "not valid UTF-8" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_fast_turns_the_dual_cache_on_unless_cache_is_given(saved_model_dir):
+def test_fast_turns_the_delayed_cache_on_unless_cache_is_given(saved_model_dir):
     import argparse
 
     from diffutron.cli.generate import add_sampler_args, fast_setup, sampler_config
@@ -104,9 +104,9 @@ def test_fast_turns_the_dual_cache_on_unless_cache_is_given(saved_model_dir):
 
     parser = argparse.ArgumentParser()
     add_sampler_args(parser)
-    for flags, want in (([], "none"), (["--fast"], "dual"), (["--fast", "--cache", "none"], "none"),
+    for flags, want in (([], "none"), (["--fast"], "delayed"), (["--fast", "--cache", "none"], "none"),
                         (["--fast", "int8", "--cfg-scale", "1"], "none"), (["--cache", "dual"], "dual"),
-                        (["--cache", "delayed"], "delayed"), (["--fast", "int8", "--cache", "delayed"], "delayed")):
+                        (["--cache", "delayed"], "delayed"), (["--fast", "int8", "--cache", "dual"], "dual")):
         args = parser.parse_args(flags)
         config = fast_setup(args, DiffusionLM.from_pretrained(saved_model_dir), sampler_config(args))
         assert config.cache == want, flags

@@ -156,15 +156,15 @@ def test_prompt_too_long_and_empty(lm):
         lm.generate("Merhaba", max_new_tokens=0)
 
 
-def test_fast_modes_run_with_the_dual_cache(saved_model_dir):
+def test_fast_modes_run_with_a_cache(saved_model_dir):
     assert DiffusionLM.from_pretrained(saved_model_dir).make_fast("bf16", cache=False).defaults.cache == "none"
     for mode in ("bf16", "int8"):
         lm = DiffusionLM.from_pretrained(saved_model_dir).make_fast(mode)
-        assert lm.defaults.cache == "dual"  # a ModernBERT model: --fast turns the dual cache on
+        assert lm.defaults.cache == "delayed"  # a ModernBERT model: --fast turns the delayed cache on
         (c,) = lm.generate("Merhaba", max_new_tokens=8, steps=8, block_length=4, stop_at_eos=False)
         assert c.completion_tokens <= 8 and c.nfe == 8
-    lm = DiffusionLM.from_pretrained(saved_model_dir).make_fast("int8", cache="delayed")
-    assert lm.defaults.cache == "delayed"
+    lm = DiffusionLM.from_pretrained(saved_model_dir).make_fast("int8", cache="dual")
+    assert lm.defaults.cache == "dual"
     (c,) = lm.generate("Merhaba", max_new_tokens=8, steps=8, block_length=4, stop_at_eos=False)
     assert c.nfe == 8
     with pytest.raises(DiffutronError, match="invalid sampler setting cache='triple'"):

@@ -89,11 +89,11 @@ class DiffusionLM:
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
 
-    def make_fast(self, mode: str = "bf16", *, cache: str | bool = "dual") -> "DiffusionLM":
+    def make_fast(self, mode: str = "bf16", *, cache: str | bool = "delayed") -> "DiffusionLM":
         """Switch to approximate, faster decoding in place: ``bf16`` or ``int8`` weights (see
-        backbone.make_fast) and, for a ModernBERT model, ``cache`` ("dual", "delayed" or "none";
-        True = "dual") in ``defaults`` (see sampling.cache)."""
-        cache = {True: "dual", False: "none"}.get(cache, cache)
+        backbone.make_fast) and, for a ModernBERT model, ``cache`` ("delayed", "dual" or "none";
+        True = "delayed") in ``defaults`` (see sampling.cache)."""
+        cache = {True: "delayed", False: "none"}.get(cache, cache)
         SamplerConfig(cache=cache)  # a bad name fails before the weights change
         self.model = backbone.make_fast(self.model, mode)
         if cache != "none" and DualCache.supports(self.model) and self.defaults.cfg_scale == 0:

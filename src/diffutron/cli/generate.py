@@ -31,11 +31,11 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-stop", action="store_true", help="decode every block even after the answer ended")
     g.add_argument("--fast", choices=["bf16", "int8"], nargs="?", const="bf16", default=None,
                    help="approximate but faster: bf16 (default for --fast) or int8 dynamic quantization weights, "
-                        "and the dual cache unless --cache says otherwise")
+                        "and the delayed cache unless --cache says otherwise")
     g.add_argument("--cache", choices=CACHES, default=None,
                    help="dual: a block's later steps run only its own tokens against keys and values stored at "
-                        "the block's start (approximate, ModernBERT; default with --fast); delayed: dual, and "
-                        "each step runs only the block's masks and newly committed tokens; none: exact (default)")
+                        "the block's start (approximate, ModernBERT); delayed: dual, and each step runs only the "
+                        "block's masks and newly committed tokens (default with --fast); none: exact (default)")
 
 
 def sampler_config(args: argparse.Namespace) -> SamplerConfig:
@@ -49,7 +49,7 @@ def sampler_config(args: argparse.Namespace) -> SamplerConfig:
 
 
 def fast_setup(args, lm, config: SamplerConfig) -> SamplerConfig:
-    """``--fast``: approximate weights, and the dual cache unless ``--cache`` was given."""
+    """``--fast``: approximate weights, and the delayed cache unless ``--cache`` was given."""
     if not args.fast:
         return config
     lm.make_fast(args.fast)

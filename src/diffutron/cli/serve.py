@@ -30,11 +30,10 @@ def register(sub) -> None:
                    help="allow browser calls from this origin (repeatable; e.g. http://localhost:3000)")
     p.add_argument("--fast", choices=["bf16", "int8"], nargs="?", const="bf16", default=None,
                    help="approximate but faster weights: bf16 (default for --fast) or int8 dynamic quantization, "
-                        "and the dual cache unless --cache says otherwise")
+                        "and the delayed cache unless --cache says otherwise")
     p.add_argument("--cache", choices=CACHES, default=None,
-                   help="key/value reuse for requests without cfg_scale (ModernBERT): dual (default with --fast), "
-                        "delayed (dual, and each step runs only the block's masks and new tokens) or none (exact; "
-                        "the default)")
+                   help="key/value reuse for requests without cfg_scale (ModernBERT): delayed (default with --fast), "
+                        "dual (Fast-dLLM's DualCache alone) or none (exact; the default)")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch-size", type=int, default=16, help="answers decoded together in one batch (default 16)")
     g.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait; more get HTTP 429 (default 256)")
@@ -66,7 +65,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.fast:
         if not hasattr(lm, "make_fast"):
             raise DiffutronError("--fast is not available in this build")
-        lm.make_fast(args.fast, cache=args.cache or "dual")
+        lm.make_fast(args.fast, cache=args.cache or "delayed")
     elif args.cache is not None:
         lm.use_cache(args.cache)
     app = create_app(lm, served_model_name=args.served_model_name, limits=limits, api_key=args.api_key or None,

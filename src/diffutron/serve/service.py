@@ -196,7 +196,7 @@ class OpenAIService:
             repetition_penalty=req.repetition_penalty, remasking=req.remasking, threshold=req.threshold,
             cfg_scale=req.cfg_scale,
         )
-        if req.cfg_scale:  # guidance runs exact decoding (the dual cache of a --fast server does not do it)
+        if req.cfg_scale:  # guidance runs exact decoding (the cache of a --fast server does not do it)
             fields["cache"] = "none"
         try:
             return d.replace(**{k: v for k, v in fields.items() if v is not None}, stop_at_eos=True, seed=0)
