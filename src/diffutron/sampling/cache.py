@@ -38,7 +38,8 @@ class DualCache:
     def __init__(self, model: torch.nn.Module, *, delayed: bool = False):
         inner = unwrap(model)
         if not self.supports(inner):
-            raise DiffutronError(f"cache='dual' supports ModernBERT masked LMs only, not {type(inner).__name__}: "
+            raise DiffutronError(f"cache='{'delayed' if delayed else 'dual'}' supports ModernBERT masked LMs only, "
+                                 f"not {type(inner).__name__}: "
                                  "use cache='none'")
         from transformers.models.modernbert.modeling_modernbert import apply_rotary_pos_emb
 

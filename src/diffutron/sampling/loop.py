@@ -48,7 +48,7 @@ class _Row:
     plan: list[int] = field(default_factory=list)
     j: int = 0
     done: str | None = None
-    cached_block: int = -1  # cache="dual": the block whose start refreshed this row's keys and values
+    cached_block: int = -1  # cache="dual" / "delayed": the block whose start refreshed this row's keys and values
 
 
 Callback = Callable[[int, torch.Tensor], "Sequence[int] | None"]
