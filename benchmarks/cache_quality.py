@@ -9,7 +9,8 @@ attention) is trained, by ``objective.mdlm_loss`` on the answer only, on a task 
 tokens depend on each other: the prompt holds two 8-token halves, and the answer is one of them,
 picked at random. A decoder must commit to one half and keep to it; an answer that mixes them is
 wrong. Reported per decoding setting (greedy): the share of answers that equal one half
-(coherent) and the share of answer tokens equal to exact decoding's.
+(coherent) and the share of answer tokens equal to exact decoding's, for exact decoding, each
+cache, and the delayed cache refreshed after every window step or two (``cache_refresh``).
 """
 
 from __future__ import annotations
@@ -72,18 +73,19 @@ def main() -> None:
     prompt, _ = examples(args.prompts, torch.Generator().manual_seed(123))
     print(f"\n{args.prompts} test prompts, greedy, repetition penalty 1 "
           "(coherent = the answer equals one half of its prompt; agreement = answer tokens equal to exact's)")
-    print(f"{'block':>5s} {'steps':>5s} {'cache':>8s} {'coherent':>9s} {'agreement':>10s}")
+    print(f"{'block':>5s} {'steps':>5s} {'cache':>8s} {'refresh':>8s} {'coherent':>9s} {'agreement':>10s}")
     for block, steps in ((8, 8), (8, 4), (4, 8)):
         exact = None
-        for cache in ("none", "dual", "delayed"):
+        for cache, refresh in (("none", 0), ("dual", 0), ("delayed", 0), ("delayed", 1), ("delayed", 2)):
             cfg = SamplerConfig(max_new_tokens=HALF, steps=steps, block_length=block, temperature=0.0,
-                                repetition_penalty=1.0, stop_at_eos=False, cache=cache)
+                                repetition_penalty=1.0, stop_at_eos=False, cache=cache, cache_refresh=refresh)
             out = generate(model, prompt, cfg, mask_token_id=MASK, eos_token_id=EOS, pad_token_id=0).sequences
             answer = out[:, 2 * HALF:]
             exact = answer if exact is None else exact
             coherent = ((answer == prompt[:, :HALF]).all(1) | (answer == prompt[:, HALF:]).all(1)).float().mean()
             agree = (answer == exact).float().mean()
-            print(f"{block:5d} {steps:5d} {cache:>8s} {coherent.item():9.3f} {agree.item():10.3f}", flush=True)
+            print(f"{block:5d} {steps:5d} {cache:>8s} {refresh or '-':>8} {coherent.item():9.3f} {agree.item():10.3f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,9 @@ def main() -> None:
           f"{agreement(o.sequences[0], exact_seq):.3f})")
     t_del, o = best_of(lambda: ours(base, prompt, fast.replace(cache="delayed")), 3)
     per_del = t_del / o.nfe
+    t_ref, o = best_of(lambda: ours(base, prompt, fast.replace(cache="delayed", cache_refresh=2)), 1)
+    print(f"ours, --fast int8 --cache-refresh 2 + threshold 0.9: {t_ref:6.1f} s ({o.nfe} forwards, a refresh after "
+          f"every 2 window steps)")
     print(f"ours, --fast int8 (+ delayed cache) + threshold 0.9: {t_del:6.1f} s ({o.nfe} forwards, agreement "
           f"{agreement(o.sequences[0], exact_seq):.3f}; {t_int8 / t_del:.2f}x the dual cache's speed)")
     del base

@@ -110,3 +110,4 @@ def test_fast_turns_the_delayed_cache_on_unless_cache_is_given(saved_model_dir):
         args = parser.parse_args(flags)
         config = fast_setup(args, DiffusionLM.from_pretrained(saved_model_dir), sampler_config(args))
         assert config.cache == want, flags
+    assert sampler_config(parser.parse_args(["--cache", "dual", "--cache-refresh", "2"])).cache_refresh == 2

@@ -489,6 +489,27 @@ def test_delayed_cache_runs_only_masks_and_new_tokens(lm, monkeypatch):
     assert sizes == [[4], [3], [2]] * 2
 
 
+def test_cache_refresh_interval(lm, monkeypatch):
+    from diffutron.sampling.cache import DualCache
+
+    calls = []
+    refresh, window = DualCache.refresh, DualCache.window
+    monkeypatch.setattr(DualCache, "refresh", lambda self, *a: calls.append("R") or refresh(self, *a))
+    monkeypatch.setattr(DualCache, "window", lambda self, *a: calls.append("w") or window(self, *a))
+    kw = dict(max_new_tokens=8, steps=8, block_length=4, temperature=0.0, stop_at_eos=False, cache="delayed")
+    prompt = [[12, 30, 41, 7, 19]]
+    want = {0: "Rwww" * 2, 1: "RwRw" * 2, 2: "RwwR" * 2, 3: "Rwww" * 2}
+    outs = {}
+    for every, pattern in want.items():
+        calls.clear()
+        outs[every] = run(lm, prompt, cache_refresh=every, **kw)
+        assert "".join(calls) == pattern, every
+        assert outs[every].nfe == 8
+    assert torch.equal(outs[3].sequences, outs[0].sequences)  # 3 windows per block: never due
+    with pytest.raises(DiffutronError, match="cache_refresh"):
+        SamplerConfig(cache="dual", cache_refresh=-1)
+
+
 def test_dual_cache_refuses_cfg_and_other_encoders(tokenizer):
     from diffutron.sampling.cache import DualCache
     from diffutron.tiny import tiny_model

@@ -36,6 +36,9 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
                    help="dual: a block's later steps run only its own tokens against keys and values stored at "
                         "the block's start (approximate, ModernBERT); delayed: dual, and each step runs only the "
                         "block's masks and newly committed tokens (default with --fast); none: exact (default)")
+    g.add_argument("--cache-refresh", type=int, default=0, metavar="R",
+                   help="with a cache, also refresh it after every R window steps (default 0: only when a block "
+                        "starts); fresher, slower")
 
 
 def sampler_config(args: argparse.Namespace) -> SamplerConfig:
@@ -44,7 +47,7 @@ def sampler_config(args: argparse.Namespace) -> SamplerConfig:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, remasking=args.remasking, threshold=args.threshold,
         cfg_scale=args.cfg_scale, stop_at_eos=not args.no_stop, seed=args.seed,
-        cache=args.cache or "none",
+        cache=args.cache or "none", cache_refresh=args.cache_refresh,
     )
 
 

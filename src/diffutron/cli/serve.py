@@ -34,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--cache", choices=CACHES, default=None,
                    help="key/value reuse for requests without cfg_scale (ModernBERT): delayed (default with --fast), "
                         "dual (Fast-dLLM's DualCache alone) or none (exact; the default)")
+    p.add_argument("--cache-refresh", type=int, default=0, metavar="R",
+                   help="with a cache, also refresh it after every R window steps (default 0: only when a block "
+                        "starts)")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch-size", type=int, default=16, help="answers decoded together in one batch (default 16)")
     g.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait; more get HTTP 429 (default 256)")
@@ -68,6 +71,8 @@ def run_serve(args: argparse.Namespace) -> int:
         lm.make_fast(args.fast, cache=args.cache or "delayed")
     elif args.cache is not None:
         lm.use_cache(args.cache)
+    if args.cache_refresh:
+        lm.defaults = lm.defaults.replace(cache_refresh=args.cache_refresh)
     app = create_app(lm, served_model_name=args.served_model_name, limits=limits, api_key=args.api_key or None,
                      cors_origins=args.cors_origin)
     host, port = sock.getsockname()[:2]

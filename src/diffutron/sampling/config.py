@@ -34,6 +34,9 @@ class SamplerConfig:
             only the block's tokens against keys and values stored at the block's start) or
             "delayed" (the dual cache, and a committed token's keys and values are computed once,
             the step after it was committed: a step runs only the block's masks and new tokens).
+        cache_refresh: with a cache, also refresh a row's stored keys and values after every this
+            many window steps (0 = only when a block starts; dLLM-Cache's refresh interval):
+            fresher reads at the cost of a full forward each time.
         seed: an int (row r uses seed + r) or one int per row.
     """
 
@@ -49,6 +52,7 @@ class SamplerConfig:
     cfg_scale: float = 0.0
     stop_at_eos: bool = True
     cache: str = "none"
+    cache_refresh: int = 0
     seed: int | tuple[int, ...] = 0
 
     def __post_init__(self) -> None:
@@ -82,6 +86,8 @@ class SamplerConfig:
         if self.cache != "none" and self.cfg_scale > 0:
             raise bad("cache", self.cache, "the dual cache does not run classifier-free guidance: set cfg_scale=0 "
                       "or cache='none'")
+        if not isinstance(self.cache_refresh, int) or isinstance(self.cache_refresh, bool) or self.cache_refresh < 0:
+            raise bad("cache_refresh", self.cache_refresh, "must be an integer >= 0 (0 = only when a block starts)")
         if isinstance(self.seed, list):
             object.__setattr__(self, "seed", tuple(self.seed))
         seeds = self.seed if isinstance(self.seed, tuple) else (self.seed,)

@@ -49,6 +49,7 @@ class _Row:
     j: int = 0
     done: str | None = None
     cached_block: int = -1  # cache="dual" / "delayed": the block whose start refreshed this row's keys and values
+    windows: int = 0  # window forwards since this row's last refresh
 
 
 Callback = Callable[[int, torch.Tensor], "Sequence[int] | None"]
@@ -195,7 +196,7 @@ def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token
         # 2. logits there only; CFG runs the prompt-masked canvas in the same batch  [N, V]
         forwards = 1
         if cache is not None:  # a full forward for rows starting a block, a block window for the rest
-            logits, forwards = _cached_logits(cache, rows, work, x, att, target, mask_token_id)
+            logits, forwards = _cached_logits(cache, rows, work, x, att, target, mask_token_id, cfg.cache_refresh)
         elif cfg.cfg_scale > 0:
             uncond = torch.where(prompt_index[sel, :width], torch.full_like(x, mask_token_id), x)
             both = logits_at(model, torch.cat([x, uncond]), torch.cat([target, target]),
@@ -246,19 +247,24 @@ def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token
 
 
 def _cached_logits(cache: DualCache, rows: list[_Row], work: list[tuple[int, int]], x: torch.Tensor,
-                   att: torch.Tensor, target: torch.Tensor, mask_token_id: int) -> tuple[torch.Tensor, int]:
+                   att: torch.Tensor, target: torch.Tensor, mask_token_id: int,
+                   refresh_every: int = 0) -> tuple[torch.Tensor, int]:
     """cache="dual" / "delayed": logits [N, V] at ``target`` (row-major over ``work``), from a full
-    forward for rows that start a block (storing their keys and values) and a window forward over
-    the block (``cache.columns``) for the rest; returns ``(logits, forwards run)``."""
-    fresh = [i for i, (r, _) in enumerate(work) if rows[r].cached_block != rows[r].block]
-    warm = [i for i, (r, _) in enumerate(work) if rows[r].cached_block == rows[r].block]
+    forward for rows that start a block or ran ``refresh_every`` (> 0) windows since their last
+    one (storing their keys and values), and a window forward over the block (``cache.columns``)
+    for the rest; returns ``(logits, forwards run)``."""
+    def stale(r: int) -> bool:
+        return rows[r].cached_block != rows[r].block or 0 < refresh_every <= rows[r].windows
+
+    fresh = [i for i, (r, _) in enumerate(work) if stale(r)]
+    warm = [i for i, (r, _) in enumerate(work) if not stale(r)]
     offsets = [0, *itertools.accumulate(target.sum(1).tolist())]  # row i's logits: offsets[i]:offsets[i + 1]
     parts = []
     if fresh:
         idx = torch.tensor(fresh, device=x.device)
         parts.append(cache.refresh([work[i][0] for i in fresh], x[idx], att[idx], target[idx]))
         for i in fresh:
-            rows[work[i][0]].cached_block = rows[work[i][0]].block
+            rows[work[i][0]].cached_block, rows[work[i][0]].windows = rows[work[i][0]].block, 0
     if warm:
         runs = [cache.columns(work[i][0], x[i], rows[work[i][0]].blocks[rows[work[i][0]].block], mask_token_id)
                 for i in warm]
@@ -270,6 +276,8 @@ def _cached_logits(cache: DualCache, rows: list[_Row], work: list[tuple[int, int
         ids = x[idx].gather(1, cols)
         pos = target[idx].gather(1, cols) & valid
         parts.append(cache.window([work[i][0] for i in warm], ids, cols, counts, pos))
+        for i in warm:
+            rows[work[i][0]].windows += 1
     if len(parts) == 1:  # one group: already in row-major order
         return parts[0], 1
     order = [k for i in fresh + warm for k in range(offsets[i], offsets[i + 1])]
