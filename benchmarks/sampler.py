@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/sampler.py            # full run (~10 min on 2 CPU cores)
     .venv/bin/python benchmarks/sampler.py --quick    # smaller shapes, a smoke run
+    .venv/bin/python benchmarks/sampler.py --base-only  # parts 1, 4 and 5: the DiffutronLM-0.3B-shaped answer (~5 min)
 
 Reports times measured in this one run and their ratios, since absolute speed on a shared
 machine varies. Part 1 measures this machine's limits (matmul FLOP/s, streaming the 256k-row
@@ -79,7 +80,8 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small vocab and steps: a smoke run")
-    ap.add_argument("--skip-base", action="store_true", help="skip part 4 (mmBERT-base shape)")
+    ap.add_argument("--skip-base", action="store_true", help="skip parts 4 and 5 (mmBERT-base shape)")
+    ap.add_argument("--base-only", action="store_true", help="skip parts 2 and 3 (mmBERT-small shape)")
     args = ap.parse_args()
     torch.manual_seed(0)
     vocab = 32000 if args.quick else 256000
@@ -122,47 +124,48 @@ def main() -> None:
     print(f"  top-p 0.9 filter at temperature 0.1: full sort {t_plain * 1e3:.1f} ms, ours {t_rule * 1e3:.1f} ms "
           f"({t_plain / t_rule:.1f}x)")
 
-    model = random_mmbert("mmbert-small", vocab_size=vocab)
     prompt = torch.randint(10, vocab, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-    exact = SamplerConfig(max_new_tokens=new, steps=steps, block_length=block, temperature=0.0,
-                          repetition_penalty=1.2, stop_at_eos=False)
-    print(f"\n## 2. ours vs reference: mmBERT-small shape, vocab {vocab}, prompt {prompt_len}, "
-          f"{new} new tokens, block {block}, {steps} steps, greedy, repetition penalty 1.2")
-    with torch.inference_mode():  # warm-up: first calls allocate and pick kernels
-        model(input_ids=torch.tensor([prompt + [MASK_ID] * new]))
-        ours(model, prompt, exact.replace(steps=2, max_new_tokens=block))
-        t_ref, (ref_tokens, ref_nfe) = best_of(lambda: oracle(
-            model, prompt, mask_id=MASK_ID, eos_id=EOS_ID, steps=steps, gen_length=new, block_length=block,
-            repetition_penalty=1.2), 1)
-    t_ours, out = best_of(lambda: ours(model, prompt, exact), 2)
-    same = out.sequences[0].tolist() == ref_tokens
-    print(f"reference {t_ref:.2f} s ({ref_nfe} forwards, {t_ref / ref_nfe * 1e3:.0f} ms each)")
-    print(f"ours      {t_ours:.2f} s ({out.nfe} forwards, {t_ours / out.nfe * 1e3:.0f} ms each)")
-    print(f"speed-up  {t_ref / t_ours:.2f}x, tokens identical: {same}")
-    x = torch.tensor([prompt + [MASK_ID] * new])
-    with torch.inference_mode():
-        t_enc, _ = best_of(lambda: model.model(input_ids=x), 3)
-    print(f"encoder alone per forward {t_enc * 1e3:.0f} ms: our forward is {t_ours / out.nfe / t_enc:.2f}x the encoder")
+    if not args.base_only:
+        model = random_mmbert("mmbert-small", vocab_size=vocab)
+        exact = SamplerConfig(max_new_tokens=new, steps=steps, block_length=block, temperature=0.0,
+                              repetition_penalty=1.2, stop_at_eos=False)
+        print(f"\n## 2. ours vs reference: mmBERT-small shape, vocab {vocab}, prompt {prompt_len}, "
+              f"{new} new tokens, block {block}, {steps} steps, greedy, repetition penalty 1.2")
+        with torch.inference_mode():  # warm-up: first calls allocate and pick kernels
+            model(input_ids=torch.tensor([prompt + [MASK_ID] * new]))
+            ours(model, prompt, exact.replace(steps=2, max_new_tokens=block))
+            t_ref, (ref_tokens, ref_nfe) = best_of(lambda: oracle(
+                model, prompt, mask_id=MASK_ID, eos_id=EOS_ID, steps=steps, gen_length=new, block_length=block,
+                repetition_penalty=1.2), 1)
+        t_ours, out = best_of(lambda: ours(model, prompt, exact), 2)
+        same = out.sequences[0].tolist() == ref_tokens
+        print(f"reference {t_ref:.2f} s ({ref_nfe} forwards, {t_ref / ref_nfe * 1e3:.0f} ms each)")
+        print(f"ours      {t_ours:.2f} s ({out.nfe} forwards, {t_ours / out.nfe * 1e3:.0f} ms each)")
+        print(f"speed-up  {t_ref / t_ours:.2f}x, tokens identical: {same}")
+        x = torch.tensor([prompt + [MASK_ID] * new])
+        with torch.inference_mode():
+            t_enc, _ = best_of(lambda: model.model(input_ids=x), 3)
+        print(f"encoder alone per forward {t_enc * 1e3:.0f} ms: our forward is {t_ours / out.nfe / t_enc:.2f}x the encoder")
 
-    print("\n## 3. approximate modes (same model and prompt; agreement = share of tokens equal to the exact output)")
-    print(f"{'mode':28s} {'NFE':>5s} {'time s':>8s} {'speed-up':>9s} {'agreement':>10s}")
-    base_seq = out.sequences[0]
-    rows = [("exact", model, exact)]
-    rows.append(("threshold 0.9", model, exact.replace(threshold=0.9)))
-    bf16 = make_fast(random_mmbert("mmbert-small", vocab_size=vocab), "bf16")
-    rows.append(("bf16 weights", bf16, exact))
-    rows.append(("bf16 + threshold 0.9", bf16, exact.replace(threshold=0.9)))
-    rows.append(("dual cache", model, exact.replace(cache="dual")))
-    rows.append(("bf16 + dual cache", bf16, exact.replace(cache="dual")))
-    int8 = make_fast(random_mmbert("mmbert-small", vocab_size=vocab), "int8")
-    rows.append(("int8 dynamic", int8, exact))
-    rows.append(("int8 + dual cache", int8, exact.replace(cache="dual")))
-    rows.append(("delayed cache", model, exact.replace(cache="delayed")))
-    rows.append(("int8 + delayed cache", int8, exact.replace(cache="delayed")))
-    for name, m, cfg in rows:
-        t, o = best_of(lambda: ours(m, prompt, cfg), 2)
-        print(f"{name:28s} {o.nfe:5d} {t:8.2f} {t_ours / t:8.2f}x {agreement(o.sequences[0], base_seq):10.3f}")
-    del bf16, int8
+        print("\n## 3. approximate modes (same model and prompt; agreement = share of tokens equal to the exact output)")
+        print(f"{'mode':28s} {'NFE':>5s} {'time s':>8s} {'speed-up':>9s} {'agreement':>10s}")
+        base_seq = out.sequences[0]
+        rows = [("exact", model, exact)]
+        rows.append(("threshold 0.9", model, exact.replace(threshold=0.9)))
+        bf16 = make_fast(random_mmbert("mmbert-small", vocab_size=vocab), "bf16")
+        rows.append(("bf16 weights", bf16, exact))
+        rows.append(("bf16 + threshold 0.9", bf16, exact.replace(threshold=0.9)))
+        rows.append(("dual cache", model, exact.replace(cache="dual")))
+        rows.append(("bf16 + dual cache", bf16, exact.replace(cache="dual")))
+        int8 = make_fast(random_mmbert("mmbert-small", vocab_size=vocab), "int8")
+        rows.append(("int8 dynamic", int8, exact))
+        rows.append(("int8 + dual cache", int8, exact.replace(cache="dual")))
+        rows.append(("delayed cache", model, exact.replace(cache="delayed")))
+        rows.append(("int8 + delayed cache", int8, exact.replace(cache="delayed")))
+        for name, m, cfg in rows:
+            t, o = best_of(lambda: ours(m, prompt, cfg), 2)
+            print(f"{name:28s} {o.nfe:5d} {t:8.2f} {t_ours / t:8.2f}x {agreement(o.sequences[0], base_seq):10.3f}")
+        del bf16, int8
 
     if args.skip_base:
         return
@@ -177,7 +180,7 @@ def main() -> None:
     print(f"one forward with full logits (reference) {t_full:.2f} s -> ~{t_full * steps:.0f} s per answer; "
           f"encoder alone {t_enc:.2f} s")
     ours(base, prompt, paper.replace(steps=2, max_new_tokens=block))  # warm-up
-    t_exact, o = best_of(lambda: ours(base, prompt, paper), 1)
+    t_exact, o = best_of(lambda: ours(base, prompt, paper), 2)
     print(f"ours, exact:                  {t_exact:6.1f} s ({o.nfe} forwards)")
     exact_seq = o.sequences[0]
     backbone.PACKED_HEAD = False  # the same, with the plain output layer (DIFFUTRON_PACKED_HEAD=0)
@@ -207,11 +210,11 @@ def main() -> None:
           f"{agreement(o.sequences[0], exact_seq):.3f})")
     t_del, o = best_of(lambda: ours(base, prompt, fast.replace(cache="delayed")), 3)
     per_del = t_del / o.nfe
+    print(f"ours, --fast int8 (+ delayed cache) + threshold 0.9: {t_del:6.1f} s ({o.nfe} forwards, agreement "
+          f"{agreement(o.sequences[0], exact_seq):.3f}; {t_int8 / t_del:.2f}x the dual cache's speed)")
     t_ref, o = best_of(lambda: ours(base, prompt, fast.replace(cache="delayed", cache_refresh=2)), 1)
     print(f"ours, --fast int8 --cache-refresh 2 + threshold 0.9: {t_ref:6.1f} s ({o.nfe} forwards, a refresh after "
           f"every 2 window steps)")
-    print(f"ours, --fast int8 (+ delayed cache) + threshold 0.9: {t_del:6.1f} s ({o.nfe} forwards, agreement "
-          f"{agreement(o.sequences[0], exact_seq):.3f}; {t_int8 / t_del:.2f}x the dual cache's speed)")
     del base
 
     print(f"\n## 5. the threshold on a trained model: random weights are never 0.9 confident, so part 4 runs all "
