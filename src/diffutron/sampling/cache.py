@@ -50,7 +50,7 @@ class DualCache:
         self.half_window = config.local_attention // 2  # sliding layers: |q - k| <= half_window
         self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # row -> per layer ([h, L, d], [h, L, d])
         self.keys_att: dict[int, torch.Tensor] = {}  # row -> bool [L], real key positions
-        self.ids: dict[int, torch.Tensor] = {}  # row -> [L], the token each stored key/value was computed for
+        self.ids: dict[int, torch.Tensor] = {}  # delayed: row -> [L], the token each stored key/value was computed for
         self.delayed = delayed
 
     def refresh(self, rows: list[int], input_ids: torch.Tensor, attention: torch.Tensor,
@@ -63,7 +63,8 @@ class DualCache:
         for j, r in enumerate(rows):
             self.kv[r] = []
             self.keys_att[r] = att[j]
-            self.ids[r] = input_ids[j].clone()
+            if self.delayed:
+                self.ids[r] = input_ids[j].clone()
         hidden = self._layers(input_ids, pos, rows, att=att)
         return self._logits(hidden[positions])
 
@@ -82,7 +83,7 @@ class DualCache:
         their tokens; later entries pad a shorter row, repeat one of its columns and are neither
         stored nor read) against the stored keys and values everywhere else; logits [N, V] at the
         True entries of ``positions`` [b, n] (row-major)."""
-        for j, r in enumerate(rows):
+        for j, r in enumerate(rows if self.delayed else ()):
             self.ids[r][cols[j, : counts[j]]] = input_ids[j, : counts[j]]
         hidden = self._layers(input_ids, cols, rows, counts=counts)
         return self._logits(hidden[positions])

@@ -258,7 +258,7 @@ def propose(
         conf = ((logits.gather(-1, x0[:, None]) - row_max).exp() / z).squeeze(-1)
     elif remasking == "margin":  # p1 - p2 of the two most likely ids
         top2 = top2_values(logits) - row_max  # [N, 2]
-        conf = ((top2[:, 0].exp() - top2[:, 1].exp()) / z.squeeze(-1))
+        conf = (top2[:, 0].exp() - top2[:, 1].exp()) / z.squeeze(-1)
     elif remasking == "entropy":  # -H = sum p log p = sum e (l - max) / z - log z
         conf = (m1 / z - z.log()).squeeze(-1)
     else:  # random
