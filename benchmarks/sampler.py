@@ -97,7 +97,7 @@ def main() -> None:
     # random models give near-zero logits; a trained one spreads them (the embedded model: std 2.2), and
     # at temperature 0.1 most of the vocabulary then lands where exp() leaves float32's normal range
     logits = torch.randn(32, vocab, generator=torch.Generator().manual_seed(2)) * 2.2
-    rows, gen = torch.zeros(32, dtype=torch.long), [torch.Generator().manual_seed(0)]
+    u = torch.rand(32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
     def straightforward(temperature):  # argmax / softmax(l / T) weights, then softmax(l)[x0]
         x0 = logits.argmax(-1) if temperature == 0 else policies.inverse_cdf(
@@ -107,7 +107,7 @@ def main() -> None:
     print(f"decoding rule on [32, {vocab}] logits spread like a trained model's (std 2.2):")
     for temperature in (0.0, 0.1):
         t_plain, _ = best_of(lambda: straightforward(temperature), 3)
-        t_rule, _ = best_of(lambda: policies.propose(logits, rows, gen, temperature=temperature, top_k=0, top_p=1.0,
+        t_rule, _ = best_of(lambda: policies.propose(logits, u, temperature=temperature, top_k=0, top_p=1.0,
                                                      remasking="low_confidence", forbid=MASK_ID), 3)
         print(f"  temperature {temperature}: straightforward {t_plain * 1e3:.1f} ms, ours {t_rule * 1e3:.1f} ms "
               f"({t_plain / t_rule:.1f}x)")

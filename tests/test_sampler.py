@@ -216,13 +216,17 @@ def test_mask_token_is_never_a_candidate(lm, temperature):
     assert out.nfe == 8
 
 
-def test_sampling_follows_softmax_over_temperature_and_never_the_forbidden_id():
+def uniforms(n, seed=0):
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_sampling_follows_softmax_over_temperature_and_never_the_forbidden_id(plain):
     from diffutron.sampling.policies import propose
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]]).repeat(4000, 1)
-    rows = torch.zeros(4000, dtype=torch.long)
-    x0, _ = propose(logits, rows, [torch.Generator().manual_seed(0)], temperature=2.0, top_k=0, top_p=1.0,
-                    remasking="low_confidence", forbid=4)
+    x0, _ = propose(logits, uniforms(4000), temperature=2.0, top_k=0, top_p=1.0, remasking="low_confidence",
+                    forbid=4, plain=plain)
     freq = torch.bincount(x0, minlength=5).float() / 4000
     expected = torch.softmax(logits[0, :4] / 2.0, -1)
     assert freq[4] == 0
@@ -230,7 +234,7 @@ def test_sampling_follows_softmax_over_temperature_and_never_the_forbidden_id():
 
 
 def test_block_argmax_is_torch_argmax_first_of_ties():
-    from diffutron.sampling.policies import block_argmax
+    from diffutron.sampling.cpu_kernels import block_argmax
 
     g = torch.Generator().manual_seed(0)
     for width in (7, 1024, 3000, 4096, 70001):  # below one chunk, exact chunks, ragged last chunk
@@ -247,7 +251,7 @@ def test_block_argmax_is_torch_argmax_first_of_ties():
 
 
 def test_top2_values_equal_torch_topk():
-    from diffutron.sampling.policies import top2_values
+    from diffutron.sampling.cpu_kernels import top2_values
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 7, generator=g)
@@ -260,19 +264,19 @@ def test_top2_values_equal_torch_topk():
         assert torch.equal(top2_values(x), x.topk(2, dim=-1).values), width
 
 
-def test_trained_like_logits_sample_as_float64_softmax_and_confidence_is_exact():
+@pytest.mark.parametrize("plain", [False, True])
+def test_trained_like_logits_sample_as_float64_softmax_and_confidence_is_exact(plain):
     """At temperature 0.1 most of a trained model's vocabulary sits where exp() underflows (the
-    clamped, fast path): draws still follow softmax(logits / T) and confidences softmax(logits)."""
+    CPU kernels' clamped path): draws still follow softmax(logits / T) and confidences softmax(logits)."""
     from diffutron.sampling.policies import propose
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 20000, generator=g) * 3.0
     logits[:, 5], logits[:, 11] = 20.0, 19.95  # two close leaders, >6 nats above the rest
-    rows = torch.arange(6)
     draws = []
     for seed in range(300):
-        x0, conf = propose(logits, rows, [torch.Generator().manual_seed(seed * 6 + r) for r in range(6)],
-                           temperature=0.1, top_k=0, top_p=1.0, remasking="low_confidence", forbid=None)
+        x0, conf = propose(logits, uniforms(6, seed), temperature=0.1, top_k=0, top_p=1.0,
+                           remasking="low_confidence", forbid=None, plain=plain)
         ref = torch.softmax(logits.double(), -1).gather(1, x0[:, None]).squeeze(1)
         assert torch.allclose(conf.double(), ref, rtol=1e-5)
         draws.append(x0)
@@ -284,77 +288,102 @@ def test_trained_like_logits_sample_as_float64_softmax_and_confidence_is_exact()
     share = (draws == top2.indices[:, 0]).double().mean(0)
     assert torch.allclose(share, top2.values[:, 0] / top2.values.sum(-1), atol=0.1)
     # top-k: filtered ids keep weight exactly 0 even though the clamp lifts the rest
-    x0, _ = propose(logits, rows, [torch.Generator().manual_seed(r) for r in range(6)], temperature=0.1,
-                    top_k=1, top_p=1.0, remasking="low_confidence", forbid=None)
+    x0, _ = propose(logits, uniforms(6), temperature=0.1, top_k=1, top_p=1.0, remasking="low_confidence",
+                    forbid=None, plain=plain)
     assert torch.equal(x0, logits.argmax(-1))
 
 
-def test_one_pass_scan_and_confidences_equal_full_width_references(monkeypatch):
-    """propose reads all V columns once, in L2-sized chunks, and recomputes the weights of the one
-    block a draw lands in: same normaliser, block sums and draws as full-width tensors give."""
+RULES = [(t, k, p, r) for t in (0.0, 0.1, 1.0) for k, p in ((0, 1.0), (50, 1.0), (0, 0.9), (50, 0.5))
+         for r in ("low_confidence", "margin", "entropy", "random") if t > 0 or (k, p) == (0, 1.0)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,remasking", RULES)
+def test_cpu_kernels_equal_the_plain_rules(temperature, top_k, top_p, remasking):
+    """The one place that picks CPU kernels (``uses_cpu_kernels``) may pick either: same candidates,
+    same confidences (to float32 rounding), for every rule, on trained-like logits wider than a block."""
     from diffutron.sampling import policies
 
-    monkeypatch.setattr(policies, "SCAN_BYTES", 4 * 5 * 2048)  # 5 rows: 2,048-column chunks, the last ragged
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(40, 5000, generator=g) * 4.0
+    logits[::3, 4321] = 40.0  # the forbidden id leads some rows
+    logits[1::3, 17] = 25.0  # a confident leader in others
+    u, u_order = uniforms(40, 2), uniforms(40, 3)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, forbid=4321)
+    x_cpu, c_cpu = policies.propose(logits, u, u_order, **kw)
+    x_plain, c_plain = policies.propose(logits, u, u_order, plain=True, **kw)
+    assert torch.equal(x_cpu, x_plain)
+    assert not (x_plain == 4321).any()
+    torch.testing.assert_close(c_cpu, c_plain, rtol=1e-4, atol=1e-6)
+
+
+def test_one_pass_scan_and_confidences_equal_full_width_references(monkeypatch):
+    """The CPU kernels read all V columns once, in L2-sized chunks, and recompute the weights of
+    the one block a draw lands in: same normaliser, block sums and draws as full-width tensors give."""
+    from diffutron.sampling import cpu_kernels, policies
+
+    monkeypatch.setattr(cpu_kernels, "SCAN_BYTES", 4 * 5 * 2048)  # 5 rows: 2,048-column chunks, the last ragged
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 9000, generator=g) * 3.0
     logits[:2, 4500] = 30.0  # the forbidden id leads two rows
     row_max = logits.amax(-1, keepdim=True)
-    clamped = (logits - row_max).clamp(min=policies.EXP_FLOOR)
+    clamped = (logits - row_max).clamp(min=cpu_kernels.EXP_FLOOR)
+    u = uniforms(5)
     for temperature in (0.0, 0.1, 1.0):
-        z, sums, m1 = policies.scan(logits, row_max, temperature, forbid=4500, moment=True)
+        z, sums, m1 = cpu_kernels.scan(logits, row_max, temperature, forbid=4500, moment=True)
         torch.testing.assert_close(z, clamped.exp().sum(-1, keepdim=True), rtol=1e-5, atol=0)
         torch.testing.assert_close(m1, (clamped.exp() * clamped).sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
         if temperature == 0:
             assert sums is None
             continue
-        w = policies.sampling_weights(logits, row_max, temperature)
+        w = cpu_kernels.sampling_weights(logits, row_max, temperature)
         w[:, 4500] = 0.0
-        assert sums.shape == (5, 9) and torch.equal(sums, policies.in_blocks(w, 1024, 0.0).sum(-1))
-        gens = [torch.Generator().manual_seed(s) for s in range(5)]
-        x0, conf = policies.propose(logits, torch.arange(5), gens, temperature=temperature, top_k=0, top_p=1.0,
+        assert sums.shape == (5, 9) and torch.equal(sums, cpu_kernels.in_blocks(w, 1024, 0.0).sum(-1))
+        # draws centre the weights on the best allowed id (rows 0-1: not the forbidden leader)
+        w = cpu_kernels.sampling_weights(logits, logits.index_fill(1, torch.tensor([4500]), float("-inf"))
+                                         .amax(-1, keepdim=True), temperature)
+        w[:, 4500] = 0.0
+        x0, conf = policies.propose(logits, u, temperature=temperature, top_k=0, top_p=1.0,
                                     remasking="low_confidence", forbid=4500)
-        u = torch.stack([torch.rand(1, generator=torch.Generator().manual_seed(s), dtype=torch.float64)[0]
-                         for s in range(5)])
-        assert torch.equal(x0, policies.inverse_cdf(w, u)) and not (x0 == 4500).any()
+        assert torch.equal(x0, cpu_kernels.inverse_cdf(w, u)) and not (x0 == 4500).any()
         probs = torch.softmax(logits.double(), -1)
         torch.testing.assert_close(conf.double(), probs.gather(1, x0[:, None]).squeeze(1), rtol=1e-5, atol=0)
     probs = torch.softmax(logits.double(), -1)
-    rows, gens = torch.arange(5), [torch.Generator() for _ in range(5)]
-    _, margin = policies.propose(logits, rows, gens, temperature=0.0, top_k=0, top_p=1.0, remasking="margin")
+    _, margin = policies.propose(logits, None, temperature=0.0, top_k=0, top_p=1.0, remasking="margin")
     top2 = probs.topk(2, dim=-1).values
     torch.testing.assert_close(margin.double(), top2[:, 0] - top2[:, 1], rtol=1e-5, atol=1e-7)
-    _, neg_entropy = policies.propose(logits, rows, gens, temperature=0.0, top_k=0, top_p=1.0, remasking="entropy")
+    _, neg_entropy = policies.propose(logits, None, temperature=0.0, top_k=0, top_p=1.0, remasking="entropy")
     torch.testing.assert_close(neg_entropy.double(), (probs * probs.log()).sum(-1), rtol=1e-5, atol=1e-5)
 
 
 def test_top_p_nucleus_from_partial_sorts_equals_full_sort(monkeypatch):
-    """top-p keeps the smallest prefix of sorted ids whose mass reaches p, found by topk of growing
-    size (full sort last): the kept set equals the one a float64 full sort gives."""
-    from diffutron.sampling import policies
+    """top-p keeps the smallest prefix of sorted ids whose mass reaches p; the CPU kernel finds it
+    by topk of growing size (full sort last): both kept sets equal the one a float64 full sort gives."""
+    from diffutron.sampling import cpu_kernels, policies
 
-    monkeypatch.setattr(policies, "NUCLEUS_TRIES", (16, 256))  # small tiers: every path runs
+    monkeypatch.setattr(cpu_kernels, "NUCLEUS_TRIES", (16, 256))  # small tiers: every path runs
     g = torch.Generator().manual_seed(0)
     paths = set()
     for width in (10, 3000):
         for spread in (0.05, 1.0, 30.0):  # flat (full sort), medium (second tier), peaked (first)
             logits = torch.randn(6, width, generator=g) * spread
             for p in (0.05, 0.5, 0.9, 0.99):
-                got = policies.filter_top_k_top_p(logits, 0, p)
                 sorted_logits, order = torch.sort(logits.double(), dim=-1, descending=True)
                 probs = sorted_logits.softmax(-1)
                 drop = torch.zeros(logits.shape, dtype=torch.bool).scatter(-1, order, probs.cumsum(-1) - probs >= p)
-                assert torch.equal(got == float("-inf"), drop), (width, spread, p)
-                assert torch.equal(got[~drop], logits[~drop])
+                for got in (cpu_kernels.top_p_filter(logits, p), policies.top_p_filter(logits, p)):
+                    assert torch.equal(got == float("-inf"), drop), (width, spread, p)
+                    assert torch.equal(got[~drop], logits[~drop])
                 paths.add(int((~drop).sum(-1).max()) > 256)
     assert paths == {True, False}
 
 
-def test_repetition_penalty_touches_only_present_ids_of_each_row():
+@pytest.mark.parametrize("plain", [False, True])
+def test_repetition_penalty_touches_only_present_ids_of_each_row(plain):
     from diffutron.sampling.policies import apply_repetition_penalty
 
     logits = torch.tensor([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0], [4.0, -4.0, 1.0]])
     present = torch.tensor([[True, True, False], [False, False, True]])
-    out = apply_repetition_penalty(logits.clone(), present, torch.tensor([0, 0, 1]), 2.0)
+    out = apply_repetition_penalty(logits.clone(), present, torch.tensor([0, 0, 1]), 2.0, plain=plain)
     assert out.tolist() == [[1.0, -4.0, 1.0], [1.0, -4.0, 1.0], [4.0, -4.0, 0.5]]
 
 
@@ -369,9 +398,30 @@ def test_two_level_inverse_cdf_matches_one_float64_running_sum():
     u[:2] = torch.tensor([0.0, 1.0 - 1e-16], dtype=torch.float64)  # both ends of [0, 1)
     cdf = weights.double().cumsum(-1)
     reference = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    got = inverse_cdf(weights, u, chunk=256)
-    assert (got != reference).sum() <= 1  # block sums are float32: a draw within 1e-7 of an edge may move
-    assert bool((weights.gather(1, got[:, None]) > 0).all())
+    for chunk in (256, 1024):
+        got = inverse_cdf(weights, u, chunk=chunk)
+        assert (got != reference).sum() <= 1  # block sums are float32: a draw within 1e-7 of an edge may move
+        assert bool((weights.gather(1, got[:, None]) > 0).all())
+
+
+def test_choose_takes_the_earlier_of_equal_confidences():
+    from diffutron.sampling.policies import choose
+
+    conf = torch.tensor([0.5, 0.9, 0.5, 0.9, 0.1])
+    assert choose(conf, 3, None).tolist() == [1, 3, 0]
+    assert choose(conf, 1, 0.5).tolist() == [1, 3, 0, 2]
+
+
+def test_block_noise_depends_on_seed_block_step_and_position_only():
+    from diffutron.sampling.noise import block_noise
+
+    a_tok, a_ord = block_noise(7, 2, 4, 8, tokens=True, order=True)
+    b_tok, _ = block_noise(7, 2, 4, 8, tokens=True, order=False)
+    assert a_tok.shape == a_ord.shape == (4, 8) and a_tok.dtype == torch.float64
+    assert torch.equal(a_tok, b_tok)  # the order draws come after the token draws
+    assert not torch.equal(a_tok, block_noise(7, 3, 4, 8, tokens=True, order=False)[0])
+    assert not torch.equal(a_tok, block_noise(8, 2, 4, 8, tokens=True, order=False)[0])
+    assert block_noise(7, 2, 4, 8, tokens=False, order=False) == (None, None)
 
 
 def _canvas(lm, prompts, new):

@@ -307,15 +307,19 @@ def logits_at(
     model: nn.Module,
     input_ids: torch.Tensor,
     positions: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | dict | None = None,
 ) -> torch.Tensor:
-    """Logits [N, V] at the ``True`` entries of ``positions`` (bool [B, L]), in row-major order.
+    """Logits [N, V] at the ``True`` entries of ``positions`` (bool [B, L]), in row-major order,
+    or at ``positions`` given as a flat index into [B * L] (a fixed N: no host read, as CUDA
+    graphs need).
 
     The encoder runs over the whole canvas; the MLM head (the costly 256k-wide matmul for mmBERT)
     runs only at the N chosen positions. The gather happens inside the model's own forward
     (a hook on its encoder), so DDP/FSDP/peft wrappers see one ordinary forward call.
+    ``attention_mask``: [B, L] (1 = real token), or ModernBERT's prepared per-layer-type masks
+    (``modernbert_masks``).
     """
-    flat_index = positions.reshape(-1).nonzero().squeeze(-1)
+    flat_index = positions if positions.dtype != torch.bool else positions.reshape(-1).nonzero().squeeze(-1)
     encoder = encoder_of(model)
     if encoder is None:  # unknown layout: full logits, then pick
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -324,12 +328,53 @@ def logits_at(
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+def is_modernbert(model: nn.Module) -> bool:
+    return type(unwrap(model)).__name__ == "ModernBertForMaskedLM"
+
+
+def modernbert_masks(q_pos: torch.Tensor, keys_att: torch.Tensor, half_window: int) -> dict[str, torch.Tensor]:
+    """ModernBERT's boolean attention masks [b, 1, n, L] per layer type (True = attend), for queries
+    at positions ``q_pos`` [b, n] over keys ``keys_att`` [b, L] (True = a real token): every real
+    key for global layers, real keys within ``half_window`` of the query for sliding ones (the
+    model's ``local_attention // 2``). Built from tensors alone (no host read)."""
+    k_pos = torch.arange(keys_att.shape[1], device=q_pos.device)
+    full = keys_att[:, None, None, :].expand(-1, 1, q_pos.shape[1], -1)
+    near = (q_pos[:, :, None] - k_pos[None, None, :]).abs() <= half_window  # [b, n, L]
+    return {"full_attention": full, "sliding_attention": full & near[:, None]}
+
+
+def modernbert_logits_at(model: nn.Module, input_ids: torch.Tensor, flat_index: torch.Tensor,
+                         masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``logits_at`` for ModernBERT inference with prepared ``modernbert_masks`` and a flat index,
+    written as plain calls of the model's modules (no hook: torch.compile traces it whole)."""
+    inner = unwrap(model)
+    hidden = inner.model(input_ids=input_ids, attention_mask=masks).last_hidden_state
+    return modernbert_head(inner, hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index))
+
+
+def modernbert_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """ModernBERT's MLM head (prediction head, then the output layer) on hidden states [..., H]."""
+    inner = unwrap(model)
+    return inner.decoder(inner.head(hidden))
+
+
 def full_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [B, L, V] at every position (what the research code computes; for references)."""
     return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 FAST_MODES = ("bf16", "int8")
+
+
+def fast_defaults(device: torch.device | str) -> tuple[str, str]:
+    """What ``--fast`` means for a model on ``device`` when nothing more is said: (weights, cache).
+    On CPUs int8 weights and the delayed cache (a step runs only the block's masks and new tokens:
+    fewer columns is less work there); on GPUs bf16 weights and the dual cache, the one the compiled
+    engine runs (its steps keep a fixed shape; see sampling.engine)."""
+    cpu = torch.device(device).type == "cpu"
+    return ("int8", "delayed") if cpu else ("bf16", "dual")
+
+
 # The int8 output layer is packed for oneDNN's kernels where this torch has them (x86 CPUs): at a
 # sampler step's 1-32 rows it then streams its 197 MB at about memory speed (measured here, 32 rows
 # of mmBERT's 256k x 768: 31-41 ms with the default engine's packing, 13 ms with oneDNN's), with
@@ -338,17 +383,22 @@ FAST_MODES = ("bf16", "int8")
 HEAD_INT8_ENGINE = "onednn"
 
 
-def make_fast(model: nn.Module, mode: str) -> nn.Module:
+def make_fast(model: nn.Module, mode: str | None = None) -> nn.Module:
     """Approximate, faster inference weights: ``bf16`` (all weights in bfloat16) or ``int8``
-    (dynamic int8 quantization of every Linear layer, the MLM output layer included; CPU only).
-    Returns the model to use (int8 builds a new module)."""
+    (dynamic int8 quantization of every Linear layer, the MLM output layer included; CPU only);
+    ``None`` picks by the model's device (see fast_defaults). Returns the model to use (int8
+    builds a new module)."""
+    if mode is None:
+        mode = fast_defaults(next(model.parameters()).device)[0]
     if mode == "bf16":
         return model.to(torch.bfloat16)
     if mode == "int8":
         import warnings
 
         if next(model.parameters()).device.type != "cpu":
-            raise DiffutronError("int8 dynamic quantization runs on CPU only: use --fast bf16 on GPUs")
+            raise DiffutronError(f"int8 dynamic quantization runs on CPU only, and the model is on "
+                                 f"{next(model.parameters()).device}: use --fast-mode bf16 (mode='bf16') "
+                                 "there, or load the model with --device cpu")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic

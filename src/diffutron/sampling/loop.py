@@ -24,6 +24,7 @@ from ..errors import DiffutronError
 from . import policies
 from .cache import DualCache
 from .config import SamplerConfig
+from .noise import block_noise
 from .stopping import find_stop
 
 
@@ -50,6 +51,8 @@ class _Row:
     done: str | None = None
     cached_block: int = -1  # cache="dual" / "delayed": the block whose start refreshed this row's keys and values
     windows: int = 0  # window forwards since this row's last refresh
+    u_tokens: torch.Tensor | None = None  # this block's uniforms [steps, block] (noise.block_noise)
+    u_order: torch.Tensor | None = None
 
 
 Callback = Callable[[int, torch.Tensor], "Sequence[int] | None"]
@@ -137,8 +140,9 @@ def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token
         blocks = policies.blocks_of(first, last, cfg.block_length)
         rows.append(_Row(blocks=blocks, steps=policies.steps_per_block(cfg.steps, len(blocks))))
         starts.append(first)
-    generators = [torch.Generator().manual_seed(s) for s in cfg.row_seeds(b)]
-    cache = DualCache(model, delayed=cfg.cache == "delayed") if cfg.cache != "none" else None
+    seeds = cfg.row_seeds(b)
+    cache = (DualCache(model, delayed=cfg.cache == "delayed", slots=b, width=canvas.shape[1])
+             if cfg.cache != "none" else None)
 
     def masks_left(r: int) -> int:
         s, e = rows[r].blocks[rows[r].block]
@@ -170,6 +174,9 @@ def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token
                 row.block += 1
                 row.plan = policies.block_schedule(masks_left(r), row.steps)
                 row.j = 0
+                s, e = row.blocks[row.block]
+                row.u_tokens, row.u_order = block_noise(seeds[r], row.block, row.steps, e - s,
+                                                        tokens=cfg.temperature > 0, order=cfg.remasking == "random")
                 continue
             k = min(row.plan[row.j], masks_left(r))
             if k > 0:
@@ -215,13 +222,13 @@ def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token
             present = torch.zeros(len(work), logits.shape[-1], dtype=torch.bool, device=device)
             present[seen.nonzero()[:, 0], x[seen]] = True
             logits = policies.apply_repetition_penalty(logits, present, local_rows, cfg.repetition_penalty)
-        gens = [generators[r] for r, _ in work]
+        flat = target.nonzero()
+        u, u_order = _uniforms(rows, work, flat, device)
         x0, conf = policies.propose(
-            logits, local_rows, gens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+            logits, u, u_order, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
             remasking=cfg.remasking, forbid=mask_token_id,
         )
         # 4. commit the most confident candidates of each row
-        flat = target.nonzero()
         for i, (r, k) in enumerate(work):
             mine = (local_rows == i).nonzero().squeeze(-1)
             chosen = mine[policies.choose(conf[mine], k, cfg.threshold)]
@@ -244,6 +251,28 @@ def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token
             reason = "stop"
         reasons.append(reason)
     return GenerationOutput(sequences=canvas, finish_reasons=reasons, nfe=nfe, answer_start=starts)
+
+
+def _uniforms(rows: list[_Row], work: list[tuple[int, int]], flat: torch.Tensor,
+              device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The uniforms [N] of this step's positions (``flat`` [N, 2], row-major: work index, column),
+    read from each row's block noise at (its step, the column's offset in its block)."""
+    first = rows[work[0][0]]
+    if first.u_tokens is None and first.u_order is None:
+        return None, None
+    counts = torch.bincount(flat[:, 0], minlength=len(work)).tolist()
+    cols = flat[:, 1].cpu().split(counts)
+    out = []
+    for name in ("u_tokens", "u_order"):
+        if getattr(first, name) is None:
+            out.append(None)
+            continue
+        parts = []
+        for (r, _), c in zip(work, cols):
+            row = rows[r]
+            parts.append(getattr(row, name)[row.j, c - row.blocks[row.block][0]])
+        out.append(torch.cat(parts).to(device))
+    return out[0], out[1]
 
 
 def _cached_logits(cache: DualCache, rows: list[_Row], work: list[tuple[int, int]], x: torch.Tensor,
