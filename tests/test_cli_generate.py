@@ -30,7 +30,8 @@ def test_generate_json_and_output_file(saved_model_dir, tmp_path):
 
 
 def test_generate_matches_python_api(saved_model_dir, lm, capsys):
-    code = main(["generate", "--model", str(saved_model_dir), "--format", "json", "--max-new-tokens", "8",
+    # --device cpu: the python-side `lm` is the float32 CPU fixture; `auto` would load bf16 on a GPU
+    code = main(["generate", "--model", str(saved_model_dir), "--device", "cpu", "--format", "json", "--max-new-tokens", "8",
                  "--steps", "8", "--block-length", "4", "--seed", "3", "Türkiye'nin başkenti neresidir?"])
     assert code == 0
     row = json.loads(capsys.readouterr().out)
@@ -105,9 +106,39 @@ def test_fast_turns_the_delayed_cache_on_unless_cache_is_given(saved_model_dir):
     parser = argparse.ArgumentParser()
     add_sampler_args(parser)
     for flags, want in (([], "none"), (["--fast"], "delayed"), (["--fast", "--cache", "none"], "none"),
-                        (["--fast", "int8", "--cfg-scale", "1"], "none"), (["--cache", "dual"], "dual"),
-                        (["--cache", "delayed"], "delayed"), (["--fast", "int8", "--cache", "dual"], "dual")):
+                        (["--fast-mode", "int8", "--cfg-scale", "1"], "none"), (["--cache", "dual"], "dual"),
+                        (["--cache", "delayed"], "delayed"), (["--fast-mode", "bf16"], "delayed"),
+                        (["--fast", "--fast-mode", "int8", "--cache", "dual"], "dual")):
         args = parser.parse_args(flags)
-        config = fast_setup(args, DiffusionLM.from_pretrained(saved_model_dir), sampler_config(args))
+        # pinned to the CPU: --fast means int8 there (bf16 on a GPU), and int8 runs on CPU only
+        config = fast_setup(args, DiffusionLM.from_pretrained(saved_model_dir, device="cpu"), sampler_config(args))
         assert config.cache == want, flags
     assert sampler_config(parser.parse_args(["--cache", "dual", "--cache-refresh", "2"])).cache_refresh == 2
+
+
+def test_fast_takes_no_value_and_picks_the_weights_by_device(saved_model_dir, capsys):
+    from diffutron.cli import build_parser
+    from diffutron.cli.generate import fast_setup, sampler_config
+    from diffutron.lm import DiffusionLM
+
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--fast", "Merhaba"])
+    assert args.fast and args.fast_mode is None and args.prompts == ["Merhaba"]  # the prompt is not swallowed
+
+    def weights(flags):
+        args = parser.parse_args(["generate", *flags, "Merhaba"])
+        lm = DiffusionLM.from_pretrained(saved_model_dir, device="cpu")
+        fast_setup(args, lm, sampler_config(args))
+        head = lm.model.get_output_embeddings()
+        return "int8" if type(head).__module__.startswith("torch.ao.nn.quantized") else str(head.weight.dtype)
+
+    assert weights(["--fast"]) == "int8"  # a CPU model
+    assert weights(["--fast-mode", "bf16"]) == "torch.bfloat16"  # the override, without --fast
+    assert weights([]) == "torch.float32"
+    # the old spelling `--fast int8 PROMPT` would read "int8" as a prompt: one clear line instead
+    rc = main(["generate", "--model", str(saved_model_dir), "--device", "cpu", "--fast", "int8", "Merhaba"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--fast-mode int8" in err[0], err
+    rc = main(["generate", "--model", str(saved_model_dir), "--device", "cpu", "--fast", "--format", "json",
+               "--max-new-tokens", "4", "--steps", "4", "--block-length", "4", "Merhaba"])
+    assert rc == 0 and len(json.loads(capsys.readouterr().out)["token_ids"]) <= 4

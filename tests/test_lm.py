@@ -157,26 +157,43 @@ def test_prompt_too_long_and_empty(lm):
 
 
 def test_fast_modes_run_with_a_cache(saved_model_dir):
-    assert DiffusionLM.from_pretrained(saved_model_dir).make_fast("bf16", cache=False).defaults.cache == "none"
+    # int8 runs on CPU only: pinned, or a GPU machine would load the model on CUDA
+    def load():
+        return DiffusionLM.from_pretrained(saved_model_dir, device="cpu")
+
+    assert load().make_fast("bf16", cache=False).defaults.cache == "none"
     for mode in ("bf16", "int8"):
-        lm = DiffusionLM.from_pretrained(saved_model_dir).make_fast(mode)
+        lm = load().make_fast(mode)
         assert lm.defaults.cache == "delayed"  # a ModernBERT model: --fast turns the delayed cache on
         (c,) = lm.generate("Merhaba", max_new_tokens=8, steps=8, block_length=4, stop_at_eos=False)
         assert c.completion_tokens <= 8 and c.nfe == 8
-    lm = DiffusionLM.from_pretrained(saved_model_dir).make_fast("int8", cache="dual")
+    lm = load().make_fast("int8", cache="dual")
     assert lm.defaults.cache == "dual"
     (c,) = lm.generate("Merhaba", max_new_tokens=8, steps=8, block_length=4, stop_at_eos=False)
     assert c.nfe == 8
     with pytest.raises(DiffutronError, match="invalid sampler setting cache='triple'"):
-        DiffusionLM.from_pretrained(saved_model_dir).make_fast("bf16", cache="triple")
+        load().make_fast("bf16", cache="triple")
+
+
+def test_fast_without_a_mode_is_int8_on_a_cpu_and_bf16_elsewhere(saved_model_dir, tokenizer):
+    lm = DiffusionLM.from_pretrained(saved_model_dir, device="cpu").make_fast()
+    head = lm.model.get_output_embeddings()
+    assert type(head).__module__.startswith("torch.ao.nn.quantized.dynamic") and lm.defaults.cache == "delayed"
+    # a model off the CPU (the meta device stands in for a GPU here; tests/test_gpu.py runs CUDA)
+    off = DiffusionLM(tiny_model(tokenizer).to("meta"), tokenizer).make_fast()
+    assert off.model.dtype == torch.bfloat16 and off.defaults.cache == "dual"
+    with pytest.raises(DiffutronError) as err:
+        DiffusionLM(tiny_model(tokenizer).to("meta"), tokenizer).make_fast("int8")
+    message = str(err.value)
+    assert "runs on CPU only" in message and "--fast-mode bf16" in message and "\n" not in message
 
 
 def test_int8_weights_are_close_to_float32_and_leave_the_engine_as_it_was(saved_model_dir):
     from diffutron.backbone import make_fast
 
-    lm = DiffusionLM.from_pretrained(saved_model_dir)
+    lm = DiffusionLM.from_pretrained(saved_model_dir, device="cpu")
     engine = torch.backends.quantized.engine
-    int8 = make_fast(DiffusionLM.from_pretrained(saved_model_dir).model, "int8")
+    int8 = make_fast(DiffusionLM.from_pretrained(saved_model_dir, device="cpu").model, "int8")
     assert torch.backends.quantized.engine == engine  # the head's packing engine is set only while packing
     assert type(int8.get_output_embeddings()).__module__.startswith("torch.ao.nn.quantized.dynamic")
     ids = torch.randint(5, lm.tokenizer.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -17,6 +17,7 @@ import torch
 from . import backbone
 from .errors import DiffutronError
 from .sampling import GenerationOutput, SamplerConfig, find_stop
+from .sampling import engine
 from .sampling.cache import DualCache
 from .sampling import generate as sample
 
@@ -48,6 +49,8 @@ class DiffusionLM:
         self.defaults = defaults or SamplerConfig()
         self.name = name or getattr(getattr(model, "config", None), "_name_or_path", None) or "model"
         self.stop_sequences = backbone.stop_token_sequences(tokenizer)
+        self._engine: dict | None = None  # compile(): the engine's settings
+        self._engines: dict = {}  # SamplerConfig (seed 0) -> sampling.engine.Engine
 
     # ------------------------------------------------------------------------------ loading
     @classmethod
@@ -89,13 +92,17 @@ class DiffusionLM:
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
 
-    def make_fast(self, mode: str = "bf16", *, cache: str | bool = "delayed") -> "DiffusionLM":
+    def make_fast(self, mode: str | None = None, *, cache: str | bool | None = None) -> "DiffusionLM":
         """Switch to approximate, faster decoding in place: ``bf16`` or ``int8`` weights (see
-        backbone.make_fast) and, for a ModernBERT model, ``cache`` ("delayed", "dual" or "none";
-        True = "delayed") in ``defaults`` (see sampling.cache)."""
-        cache = {True: "delayed", False: "none"}.get(cache, cache)
+        backbone.make_fast; ``None``: bf16 on a GPU, int8 on a CPU) and, for a ModernBERT model,
+        ``cache`` ("delayed", "dual" or "none"; ``None`` or True: the device's --fast default, see
+        backbone.fast_defaults) in ``defaults`` (see sampling.cache)."""
+        default_mode, default_cache = backbone.fast_defaults(self.device)
+        mode = default_mode if mode is None else mode
+        cache = {None: default_cache, True: default_cache, False: "none"}.get(cache, cache)
         SamplerConfig(cache=cache)  # a bad name fails before the weights change
         self.model = backbone.make_fast(self.model, mode)
+        self._engines = {}  # engines hold the model they were built on
         if cache != "none" and DualCache.supports(self.model) and self.defaults.cfg_scale == 0:
             self.defaults = self.defaults.replace(cache=cache)
         return self
@@ -108,6 +115,46 @@ class DiffusionLM:
                                  f"{type(backbone.unwrap(self.model)).__name__}: use cache='none'")
         self.defaults = config
         return self
+
+    def compile(self, enabled: bool = True, *, inductor: bool | None = None, graphs: bool | None = None,
+                max_batch: int = 128) -> "DiffusionLM":
+        """Decode on the fixed-shape engine (``sampling.engine``): every step a CUDA graph on GPUs
+        (captured once per batch size, width and step shape), and with ``inductor`` (default: on
+        GPUs) the step compiled by torch.compile first (a one-time cost of tens of seconds per
+        sampler configuration, shown by ``compile_seconds``). Settings the engine cannot run (the
+        delayed cache, masks inside a prompt) keep the eager loop. ``enabled=False`` turns it off."""
+        if not enabled:
+            self._engine = None
+            return self
+        cuda = self.device.type == "cuda"
+        self._engine = dict(graphs=cuda if graphs is None else graphs, compile=cuda if inductor is None else inductor,
+                            max_batch=max_batch)
+        self._engines = {}
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def compile_seconds(self) -> float:
+        """Time spent so far compiling and capturing the engine's steps (0 when not compiled)."""
+        return sum(e.capture_s for e in self._engines.values())
+
+    def engine_for(self, config: SamplerConfig, token_lists: Sequence[Sequence[int]] = ()):
+        """The compiled engine for ``config`` (one per configuration apart from the seed, kept), or
+        None when decoding is not compiled or the engine cannot run these settings."""
+        if not self.compiled or engine.supports(config, token_lists, self.mask_token_id) is not None:
+            return None
+        key = config.replace(seed=0)
+        found = self._engines.get(key)
+        if found is None:
+            if len(self._engines) >= 4:  # forget the oldest configuration (its buffers and graphs)
+                self._engines.pop(next(iter(self._engines)))
+            found = self._engines[key] = engine.Engine(
+                self.model, key, mask_token_id=self.mask_token_id, eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id, **self._engine)
+        return found
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -231,12 +278,15 @@ class DiffusionLM:
         ids, att = self.batch(token_lists)
         was_training = self.model.training
         self.model.eval()
+        stops = self.stop_sequences if stop_sequences is None else stop_sequences
         try:
+            engine = self.engine_for(config, token_lists)
+            if engine is not None:
+                return engine.generate(ids, att, seeds=config.row_seeds(len(token_lists)), stop_sequences=stops,
+                                       callback=callback)
             return sample(
                 self.model, ids, config, mask_token_id=self.mask_token_id, eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id, attention_mask=att,
-                stop_sequences=self.stop_sequences if stop_sequences is None else stop_sequences,
-                callback=callback,
+                pad_token_id=self.pad_token_id, attention_mask=att, stop_sequences=stops, callback=callback,
             )
         finally:
             self.model.train(was_training)

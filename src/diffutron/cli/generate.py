@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from ..backbone import FAST_MODES
 from ..errors import DiffutronError
 from ..sampling import CACHES, REMASKING, SamplerConfig
 from ._common import add_model_args, load_lm
@@ -29,9 +30,11 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance (0 = off)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0: runs reproduce)")
     g.add_argument("--no-stop", action="store_true", help="decode every block even after the answer ended")
-    g.add_argument("--fast", choices=["bf16", "int8"], nargs="?", const="bf16", default=None,
-                   help="approximate but faster: bf16 (default for --fast) or int8 dynamic quantization weights, "
-                        "and the delayed cache unless --cache says otherwise")
+    g.add_argument("--fast", action="store_true",
+                   help="approximate but faster: bf16 weights on a GPU, int8 dynamic quantization on a CPU "
+                        "(--fast-mode picks), and the delayed cache unless --cache says otherwise")
+    g.add_argument("--fast-mode", choices=FAST_MODES, default=None,
+                   help="the weights of --fast whatever the device (implies --fast; int8 runs on CPU only)")
     g.add_argument("--cache", choices=CACHES, default=None,
                    help="dual: a block's later steps run only its own tokens against keys and values stored at "
                         "the block's start (approximate, ModernBERT); delayed: dual, and each step runs only the "
@@ -39,6 +42,27 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-refresh", type=int, default=0, metavar="R",
                    help="with a cache, also refresh it after every R window steps (default 0: only when a block "
                         "starts); fresher, slower")
+
+
+def add_compile_arg(parser, default_help: str) -> None:
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode on the compiled engine: CUDA graphs and torch.compile on GPUs, a one-time cost "
+                             f"of tens of seconds per settings, then several times faster ({default_help})")
+
+
+def compile_setup(args, lm, batched: bool) -> None:
+    """``--compile`` / ``--no-compile``; without either, compiled on GPUs when ``batched``."""
+    on = args.compile if args.compile is not None else (lm.device.type == "cuda" and batched)
+    if on:
+        lm.compile()
+        print("diffutron: compiling the decoder for this device (once per sampler settings; --no-compile "
+              "skips it)", file=sys.stderr, flush=True)
+
+
+def compile_report(lm) -> None:
+    if lm.compiled and lm.compile_seconds >= 0.1:
+        print(f"diffutron: compiling and capturing the decoder took {lm.compile_seconds:.1f} s (reused by "
+              "every later batch of these settings)", file=sys.stderr)
 
 
 def sampler_config(args: argparse.Namespace) -> SamplerConfig:
@@ -52,10 +76,15 @@ def sampler_config(args: argparse.Namespace) -> SamplerConfig:
 
 
 def fast_setup(args, lm, config: SamplerConfig) -> SamplerConfig:
-    """``--fast``: approximate weights, and the delayed cache unless ``--cache`` was given."""
-    if not args.fast:
+    """``--fast`` / ``--fast-mode``: approximate weights (``DiffusionLM.make_fast``: bf16 on a GPU,
+    int8 on a CPU, unless ``--fast-mode`` says), and its cache unless ``--cache`` was given."""
+    if not (args.fast or args.fast_mode):
         return config
-    lm.make_fast(args.fast)
+    stray = next((p for p in getattr(args, "prompts", None) or () if p in FAST_MODES), None)
+    if stray is not None:  # `--fast int8 PROMPT` as it was written before --fast-mode existed
+        raise DiffutronError(f"{stray!r} was read as a prompt: --fast takes no value; "
+                             f"choose the weights with --fast-mode {stray}")
+    lm.make_fast(args.fast_mode)
     if args.cache is None and lm.defaults.cache != "none" and config.cfg_scale == 0:
         return config.replace(cache=lm.defaults.cache)
     return config
@@ -74,12 +103,14 @@ def register(sub) -> None:
     p.add_argument("--output", type=Path, default=None, help="write one JSON object per prompt to this JSONL file")
     p.add_argument("--format", choices=["text", "json"], default="text", help="what to print")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per sampler batch")
+    add_compile_arg(p, "default: on with a GPU and more than one prompt")
     p.set_defaults(func=run_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat in the terminal",
                        description="Chat with the model; the answer denoises live when the terminal allows.")
     add_model_args(c)
     add_sampler_args(c)
+    add_compile_arg(c, "default: off")
     c.add_argument("--system", default=None, help="system message")
     c.set_defaults(func=run_chat)
 
@@ -135,11 +166,13 @@ def run_generate(args) -> int:
         raise DiffutronError("--batch-size must be >= 1")
     lm = load_lm(args)
     config = fast_setup(args, lm, config)
+    compile_setup(args, lm, batched=len(prompts) > 1)
     results = []
     for i in range(0, len(prompts), args.batch_size):
         chunk = prompts[i : i + args.batch_size]
         seeds = tuple(config.row_seeds(len(prompts))[i : i + len(chunk)])
         results.extend(lm.generate(chunk, config.replace(seed=seeds), chat=not args.raw))
+    compile_report(lm)
     records = [
         {"prompt": p if isinstance(p, str) else p[-1]["content"], "text": c.text, "token_ids": c.token_ids,
          "nfe": c.nfe, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
@@ -166,6 +199,7 @@ def run_chat(args) -> int:
     config = sampler_config(args)
     lm = load_lm(args)
     config = fast_setup(args, lm, config)
+    compile_setup(args, lm, batched=False)
     live = sys.stdout.isatty()
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(f"diffutron chat with {lm.name} ({config.steps} steps, block {config.block_length}); "

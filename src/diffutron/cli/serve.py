@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 
+from ..backbone import FAST_MODES
 from ..errors import DiffutronError
 from ..sampling import CACHES
 from ._common import add_model_args, load_lm
@@ -28,9 +29,11 @@ def register(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DIFFUTRON_API_KEY, else none)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser calls from this origin (repeatable; e.g. http://localhost:3000)")
-    p.add_argument("--fast", choices=["bf16", "int8"], nargs="?", const="bf16", default=None,
-                   help="approximate but faster weights: bf16 (default for --fast) or int8 dynamic quantization, "
-                        "and the delayed cache unless --cache says otherwise")
+    p.add_argument("--fast", action="store_true",
+                   help="approximate but faster weights: bf16 on a GPU, int8 dynamic quantization on a CPU "
+                        "(--fast-mode picks), and the delayed cache unless --cache says otherwise")
+    p.add_argument("--fast-mode", choices=FAST_MODES, default=None,
+                   help="the weights of --fast whatever the device (implies --fast; int8 runs on CPU only)")
     p.add_argument("--cache", choices=CACHES, default=None,
                    help="key/value reuse for requests without cfg_scale (ModernBERT): delayed (default with --fast), "
                         "dual (Fast-dLLM's DualCache alone) or none (exact; the default)")
@@ -38,7 +41,13 @@ def register(sub) -> None:
                    help="with a cache, also refresh it after every R window steps (default 0: only when a block "
                         "starts)")
     g = p.add_argument_group("batching and limits")
-    g.add_argument("--max-batch-size", type=int, default=16, help="answers decoded together in one batch (default 16)")
+    g.add_argument("--max-batch-size", type=int, default=None,
+                   help="answers decoded together; requests join a running batch at block boundaries "
+                        "(default: 128 with the model on a GPU, 16 on a CPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode on the compiled engine (CUDA graphs + torch.compile on a GPU), compiled and "
+                        "warmed up before the port accepts requests (tens of seconds, once) "
+                        "(default: on with a GPU, off on a CPU)")
     g.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait; more get HTTP 429 (default 256)")
     g.add_argument("--batch-wait-ms", type=float, default=20.0,
                    help="longest wait for requests sent at about the same moment to share a batch; the batch "
@@ -65,16 +74,27 @@ def run_serve(args: argparse.Namespace) -> int:
                     batch_wait_ms=args.batch_wait_ms)
     sock = _bind(args.host, args.port)  # fail early, with a clear message, when the port is taken
     lm = load_lm(args)
-    if args.fast:
+    max_batch = args.max_batch_size
+    if max_batch is None:
+        from ..serve.service import default_max_batch_size
+
+        max_batch = default_max_batch_size(lm)
+        limits.max_batch_size = max_batch
+    if args.fast or args.fast_mode:
         if not hasattr(lm, "make_fast"):
             raise DiffutronError("--fast is not available in this build")
-        lm.make_fast(args.fast, cache=args.cache or "delayed")
+        lm.make_fast(args.fast_mode, cache=args.cache)  # None: the device's --fast defaults
     elif args.cache is not None:
         lm.use_cache(args.cache)
     if args.cache_refresh:
         lm.defaults = lm.defaults.replace(cache_refresh=args.cache_refresh)
+    compile_ = lm.device.type == "cuda" if args.compile is None else args.compile
+    if compile_:
+        lm.compile(max_batch=max_batch)
     app = create_app(lm, served_model_name=args.served_model_name, limits=limits, api_key=args.api_key or None,
                      cors_origins=args.cors_origin)
+    if compile_:
+        _warm_up(app.state.service, max_batch)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"diffutron: serving {app.state.service.model_name!r} on http://{shown}:{port} "
@@ -86,6 +106,21 @@ def run_serve(args: argparse.Namespace) -> int:
         pass
     print("diffutron: server stopped", file=sys.stderr)
     return 0
+
+
+def _warm_up(service, max_batch: int) -> None:
+    """Compile the engine and capture its graphs for a default request now, not in the first requests."""
+    print(f"diffutron: compiling and warming up the decoding engine (batch 1 and {max_batch}; tens of "
+          "seconds on a GPU, once)...", file=sys.stderr, flush=True)
+    done = service.warm_up()
+    if done is None:
+        print("diffutron: no warm-up: the default settings run on the eager sampler (the delayed cache)",
+              file=sys.stderr, flush=True)
+        return
+    alone = (f"; the engine alone at batch {done['batch']}: {done['tokens_per_s']:,.0f} tokens/s"
+             if done["tokens_per_s"] else "")
+    print(f"diffutron: engine warmed up in {done['seconds']:.1f} s (compiling and graph capture "
+          f"{service.lm.compile_seconds:.1f} s){alone}", file=sys.stderr, flush=True)
 
 
 def _bind(host: str, port: int) -> socket.socket:
