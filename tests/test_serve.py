@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from diffutron.sampling.engine import Engine, supports
 from diffutron.serve import Limits, create_app, serve_in_thread
 from diffutron.serve.scheduler import stable_text
 from diffutron.tiny import tiny_lm
@@ -40,11 +41,15 @@ PROMPTS = [
 
 
 class Recording:
-    """The model as the server sees it, recording every sampler batch it runs."""
+    """The model as the server sees it, recording every whole sampler batch it runs (``outputs``:
+    settings the engine cannot run) and every row its engines decode (``rows``, as added: the
+    server's continuous batching)."""
 
     def __init__(self, lm, delay: float = 0.0):
         self._lm = lm
         self.outputs = []
+        self.rows = []
+        self.engines = {}
         self.delay = delay  # seconds per sampler step: a slow model, to test what happens meanwhile
 
     def __getattr__(self, name):
@@ -58,6 +63,47 @@ class Recording:
         out = self._lm.generate_ids(token_lists, config, callback=slow if self.delay else callback, **kwargs)
         self.outputs.append(out)
         return out
+
+    def engine_for(self, config, token_lists=()):
+        """The engine the server decodes on (as ``DiffusionLM.engine_for`` of a compiled model):
+        a plain one that records its rows and sleeps ``delay`` per step."""
+        if supports(config, token_lists, self._lm.mask_token_id) is not None:
+            return None
+        key = config.replace(seed=0)
+        if key not in self.engines:
+            lm = self._lm
+            self.engines[key] = RecordingEngine(self, lm.model, key, mask_token_id=lm.mask_token_id,
+                                                eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id,
+                                                max_batch=128, graphs=False)
+        return self.engines[key]
+
+    def before_block(self):
+        pass
+
+
+class RecordingEngine(Engine):
+    def __init__(self, rec, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rec = rec
+        self.blocks = []  # the rows that decoded each block, in order
+
+    def add(self, *args, **kwargs):
+        row = super().add(*args, **kwargs)
+        self.rec.rows.append(row)
+        return row
+
+    def step_block(self, callback=None):
+        self.rec.before_block()
+        self.blocks.append(list(self.active))
+        delay = self.rec.delay
+        if not delay:
+            return super().step_block(callback)
+
+        def slow(step, rows, host):
+            time.sleep(delay)
+            return callback(step, rows, host) if callback else None
+
+        return super().step_block(slow)
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +397,7 @@ def test_a_client_that_disconnects_frees_its_rows(http, base, slow):
     rec = slow
     body = dict(messages=[{"role": "user", "content": CHAT}], stream=True, max_tokens=100, seed=1, block_length=8)
     cancelled = health(http)["stats"]["cancelled"]
-    n_out = len(rec.outputs)
+    n_rows = len(rec.rows)
     with httpx.Client(timeout=30) as own:  # its own connection, to hang up
         with own.stream("POST", base + "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
@@ -359,18 +405,18 @@ def test_a_client_that_disconnects_frees_its_rows(http, base, slow):
                 if '"content":"' in line and '"content":""' not in line:
                     break  # the first real text: some blocks are done; now hang up
     deadline = time.monotonic() + 10
-    while (len(rec.outputs) == n_out or health(http)["running_rows"]) and time.monotonic() < deadline:
+    while (rec.rows[n_rows].done is None or health(http)["running_rows"]) and time.monotonic() < deadline:
         time.sleep(0.02)
-    out = rec.outputs[n_out]
-    assert out.finish_reasons == ["cancelled"]
-    assert out.nfe < 100, "the sampler kept decoding a row nobody reads"
+    row = rec.rows[n_rows]
+    assert row.done == "cancelled"
+    assert row.block < len(row.blocks) - 1, "the sampler kept decoding a row nobody reads"
     assert health(http)["stats"]["cancelled"] == cancelled + 1
 
 
 def test_a_non_streaming_client_that_gives_up_is_cancelled(http, base, slow):
     rec = slow
     cancelled = health(http)["stats"]["cancelled"]
-    n_out = len(rec.outputs)
+    n_rows = len(rec.rows)
     body = dict(messages=[{"role": "user", "content": CHAT}], max_tokens=100, seed=2, block_length=4)
     with pytest.raises(httpx.ReadTimeout):
         http.post("/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=0.2))
@@ -378,10 +424,190 @@ def test_a_non_streaming_client_that_gives_up_is_cancelled(http, base, slow):
     while health(http)["stats"]["cancelled"] == cancelled and time.monotonic() < deadline:
         time.sleep(0.05)
     assert health(http)["stats"]["cancelled"] == cancelled + 1
-    while len(rec.outputs) == n_out and time.monotonic() < deadline:
+    while (rec.rows[n_rows].done is None or health(http)["running_rows"]) and time.monotonic() < deadline:
         time.sleep(0.02)
-    out = rec.outputs[n_out]
-    assert out.finish_reasons == ["cancelled"] and out.nfe < 100
+    row = rec.rows[n_rows]
+    assert row.done == "cancelled" and row.block < len(row.blocks) - 1  # stopped at a block boundary
+
+
+# --------------------------------------------------------------------------------- continuous batching
+LONG = dict(max_tokens=48, extra_body=dict(steps=48, block_length=8))  # 6 blocks of 8 steps
+
+
+def _started(rec, n_rows, blocks=1, timeout=10.0):
+    """Wait until the row added after ``n_rows`` has decoded ``blocks`` blocks; returns it."""
+    deadline = time.monotonic() + timeout
+    while (len(rec.rows) <= n_rows or rec.rows[n_rows].block < blocks) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert len(rec.rows) > n_rows and rec.rows[n_rows].block >= blocks, "the first request never ran"
+    return rec.rows[n_rows]
+
+
+def _blocks_with(rec, row):
+    """Indices of the blocks (of its engine) that decoded ``row``, and that engine."""
+    engine = next(e for e in rec.engines.values() if any(row in b for b in e.blocks))
+    return [i for i, b in enumerate(engine.blocks) if row in b], engine
+
+
+def test_a_request_joins_a_running_batch_at_a_block_boundary(http, client, lm, slow):
+    """B arrives while A decodes: it joins A's batch at the next block boundary (not when A ends),
+    answers exactly as alone, and, ending early at its stop string, is done long before A."""
+    rec = slow
+    ref_b = solo(lm, PROMPTS[1], seed=41, max_new_tokens=48, steps=48, block_length=8)
+    word = lm.tokenizer.decode([ref_b.token_ids[2]])  # B's third token, new there: B ends in its first block
+    before, n_rows, finished = health(http)["stats"], len(rec.rows), {}
+
+    def ask(name, prompt, seed, **kw):
+        r = client.chat.completions.create(model="tiny", messages=_msgs(prompt), seed=seed, **LONG, **kw)
+        finished[name] = time.monotonic()
+        return r
+
+    with ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(ask, "a", CHAT, 40)
+        row_a = _started(rec, n_rows)  # A has decoded a block
+        fb = pool.submit(ask, "b", PROMPTS[1], 41, stop=[word])
+        a, b = fa.result(), fb.result()
+    assert finished["b"] < finished["a"]
+    assert a.choices[0].message.content == solo(lm, CHAT, seed=40, max_new_tokens=48, steps=48, block_length=8).text
+    assert b.choices[0].message.content == lm.decode(ref_b.token_ids[:2]) and b.choices[0].finish_reason == "stop"
+    row_b = rec.rows[n_rows + 1]
+    blocks_a, engine = _blocks_with(rec, row_a)
+    blocks_b, _ = _blocks_with(rec, row_b)
+    assert blocks_a[0] < blocks_b[0] <= blocks_a[-1]  # B decoded next to A, A already some blocks in
+    assert all(row_a in engine.blocks[i] for i in blocks_b) and len(blocks_b) == 1
+    h = health(http)
+    after = h["stats"]
+    assert after["joined_running"] - before["joined_running"] == 1
+    assert after["batches"] - before["batches"] == 1 and after["whole_batches"] == before["whole_batches"]
+    assert h["running_rows"] == 0 and h["max_batch_size"] == 16 and h["compiled"] is False
+
+
+def test_a_stream_that_joins_a_running_batch_sees_every_step(http, base, client, lm, slow):
+    """Streamed into a running batch: text deltas build the final answer, one denoising state per step."""
+    rec = slow
+    n_rows = len(rec.rows)
+    with ThreadPoolExecutor(1) as pool:
+        fa = pool.submit(client.chat.completions.create, model="tiny", messages=_msgs(CHAT), seed=50, **LONG)
+        _started(rec, n_rows)
+        body = dict(messages=_msgs(PROMPTS[2]), stream=True, seed=51, max_tokens=48, steps=48, block_length=8,
+                    stream_options={"include_denoising": True})
+        events = _sse(http, "/v1/chat/completions", body)
+        a = fa.result()
+    assert a.choices[0].message.content == solo(lm, CHAT, seed=50, max_new_tokens=48, steps=48, block_length=8).text
+    ref = solo(lm, PROMPTS[2], seed=51, max_new_tokens=48, steps=48, block_length=8)
+    deltas = [c["delta"]["content"] for ev in events for c in ev.get("choices", []) if c.get("delta", {}).get("content")]
+    assert "".join(deltas) == ref.text and len(deltas) >= 2  # pieces as blocks become final, not all at the end
+    states = [c["denoising"] for ev in events for c in ev.get("choices", []) if "denoising" in c]
+    assert [s["step"] for s in states] == list(range(1, len(states) + 1))
+    assert states[0]["masked"] == 47  # one token per step, every step shown
+    assert all(b["masked"] == a["masked"] - 1 for a, b in zip(states[:-2], states[1:-1]))
+    assert states[-1]["masked"] == 0
+    blocks_b, _ = _blocks_with(rec, rec.rows[n_rows + 1])
+    assert rec.rows[n_rows] in _blocks_with(rec, rec.rows[n_rows])[1].blocks[blocks_b[0]]  # it joined A's batch
+
+
+def test_a_joined_row_that_is_cancelled_leaves_the_others_alone(http, base, client, lm, slow):
+    rec = slow
+    before, n_rows = health(http)["stats"], len(rec.rows)
+    with ThreadPoolExecutor(1) as pool:
+        fa = pool.submit(client.chat.completions.create, model="tiny", messages=_msgs(CHAT), seed=60, **LONG)
+        row_a = _started(rec, n_rows)
+        body = dict(messages=_msgs(PROMPTS[3]), stream=True, seed=61, max_tokens=48, steps=48, block_length=8)
+        with httpx.Client(timeout=30) as own, own.stream("POST", base + "/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if '"content":"' in line and '"content":""' not in line:
+                    break  # the first text: hang up
+        a = fa.result()
+    row_b = rec.rows[n_rows + 1]
+    assert row_b.done == "cancelled" and row_b.block < len(row_b.blocks) - 1
+    assert row_a.done in ("stop", "length")
+    assert a.choices[0].message.content == solo(lm, CHAT, seed=60, max_new_tokens=48, steps=48, block_length=8).text
+    deadline = time.monotonic() + 5
+    while health(http)["running_rows"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    after = health(http)
+    assert after["running_rows"] == 0 and after["stats"]["cancelled"] == before["cancelled"] + 1
+
+
+def test_settings_the_engine_cannot_run_are_served_whole(http, client, lm, rec):
+    """Masks inside a prompt (infilling) and the delayed cache run on the eager sampler, as a whole batch."""
+    before, n_out = health(http)["stats"], len(rec.outputs)
+    prompt = "Çay [MASK] bahçesinde"
+    r = client.completions.create(model="tiny", prompt=prompt, seed=3, max_tokens=8)
+    assert r.choices[0].text == solo(lm, prompt, chat=False, seed=3, max_new_tokens=8, steps=8).text
+    assert len(rec.outputs) == n_out + 1
+    after = health(http)["stats"]
+    assert after["whole_batches"] == before["whole_batches"] + 1 and after["batches"] == before["batches"] + 1
+
+    delayed = tiny_lm().use_cache("delayed")
+    served = Recording(delayed)
+    with serve_in_thread(create_app(served, served_model_name="tiny")) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda s: c.chat.completions.create(model="tiny", messages=_msgs(CHAT), seed=s,
+                                                                     max_tokens=16).choices[0].message.content, (1, 2)))
+    assert got == [solo(delayed, CHAT, seed=s, max_new_tokens=16, steps=16).text for s in (1, 2)]
+    assert served.outputs and not served.rows
+
+
+def test_fifo_a_batch_stops_taking_rows_when_older_requests_need_other_settings(http, client, lm, slow):
+    """A runs; B (other settings) then C (A's settings) arrive. C must not pass B by joining A's batch:
+    A's batch drains, B's runs, then C's."""
+    rec = slow
+    before, n_rows, finished = health(http)["stats"], len(rec.rows), {}
+
+    def ask(name, seed, **kw):
+        r = client.chat.completions.create(model="tiny", messages=_msgs(CHAT), seed=seed, **kw)
+        finished[name] = time.monotonic()
+        return r.choices[0].message.content
+
+    with ThreadPoolExecutor(3) as pool:
+        fa = pool.submit(ask, "a", 70, **LONG)
+        row_a = _started(rec, n_rows)
+        fb = pool.submit(ask, "b", 71, max_tokens=16, extra_body=dict(steps=16, block_length=8))
+        deadline = time.monotonic() + 5
+        while health(http)["queued"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        fc = pool.submit(ask, "c", 72, **LONG)
+        got = [f.result() for f in (fa, fb, fc)]
+    assert finished["a"] < finished["b"] < finished["c"]
+    assert got == [solo(lm, CHAT, seed=70, max_new_tokens=48, steps=48, block_length=8).text,
+                   solo(lm, CHAT, seed=71, max_new_tokens=16, steps=16, block_length=8).text,
+                   solo(lm, CHAT, seed=72, max_new_tokens=48, steps=48, block_length=8).text]
+    row_c = rec.rows[-1]
+    assert not set(_blocks_with(rec, row_a)[0]) & set(_blocks_with(rec, row_c)[0])  # never decoded together
+    after = health(http)["stats"]
+    assert after["joined_running"] == before["joined_running"] and after["batches"] == before["batches"] + 3
+
+
+def test_shutdown_cancels_running_rows_and_fails_queued_requests(lm):
+    from diffutron.serve.scheduler import Failed, Finished, Job, Scheduler
+
+    rec = Recording(lm, delay=0.01)
+    config = lm.defaults.replace(max_new_tokens=48, steps=48, block_length=8, stop_at_eos=True, seed=0)
+    toks = lm.encode(lm.render(CHAT))
+
+    async def run():
+        s = Scheduler(rec, max_batch_size=1, batch_wait_s=0)
+        await s.start()
+        running, queued = Job([toks], [1], config, stream=True), Job([toks], [2], config)
+        s.submit(running)
+        s.submit(queued)
+        while not rec.rows or rec.rows[0].block < 1:
+            await asyncio.sleep(0.005)
+        await s.stop()
+        await asyncio.sleep(0.05)  # events the sampler threads posted meanwhile
+        events = []
+        while not running.events.empty():
+            events.append(running.events.get_nowait())
+        return events, queued.events.get_nowait(), s
+
+    events, queued_event, s = asyncio.run(run())
+    assert isinstance(queued_event, Failed) and "shutting down" in str(queued_event.error)
+    last = events[-1]
+    assert isinstance(last, (Failed, Finished)) and sum(isinstance(e, (Failed, Finished)) for e in events) == 1
+    assert rec.rows[0].done in (None, "cancelled") and rec.rows[0].block < len(rec.rows[0].blocks) - 1
+    assert s.running_rows == 0 and not next(iter(rec.engines.values())).rows  # the engine is free again
 
 
 # --------------------------------------------------------------------------------- bad input
@@ -509,6 +735,9 @@ class Broken(Recording):
     def generate_ids(self, *args, **kwargs):
         raise RuntimeError("boom in /secret/path")
 
+    def before_block(self):
+        raise RuntimeError("boom in /secret/path")
+
 
 def test_internal_errors_are_500_without_details(lm):
     with serve_in_thread(create_app(Broken(lm))) as url, httpx.Client(base_url=url, timeout=60) as h:
@@ -594,6 +823,60 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_cli_serve_fast_picks_weights_and_cache(tmp_path, monkeypatch):
+    """`serve --fast` takes no value: int8 weights on a CPU (bf16 on a GPU), --fast-mode overrides,
+    and the delayed cache unless --cache says otherwise (the server itself is stubbed out)."""
+    import types
+
+    import uvicorn
+
+    import diffutron.serve
+    from diffutron.cli import main
+
+    served = []
+
+    def fake_app(lm, **kw):
+        served.append(lm)
+        return types.SimpleNamespace(state=types.SimpleNamespace(service=types.SimpleNamespace(model_name="m")))
+
+    monkeypatch.setattr(diffutron.serve, "create_app", fake_app)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    tiny_lm().save_pretrained(tmp_path / "model")
+    base = ["serve", "--model", str(tmp_path / "model"), "--device", "cpu", "--port", "0"]
+    for flags, weights, cache in ((["--fast"], "int8", "delayed"), (["--fast-mode", "bf16"], "torch.bfloat16", "delayed"),
+                                  (["--fast", "--cache", "dual"], "int8", "dual"), ([], "torch.float32", "none")):
+        assert main([*base, *flags]) == 0, flags
+        head = served[-1].model.get_output_embeddings()
+        got = "int8" if type(head).__module__.startswith("torch.ao.nn.quantized") else str(head.weight.dtype)
+        assert (got, served[-1].defaults.cache) == (weights, cache), flags
+
+
+def test_cli_serve_compile_warms_up_before_serving(tmp_path, monkeypatch, capsys):
+    """`serve --compile` compiles the engine (plain steps on a CPU) and decodes a default request at
+    batch 1 and at the batch size before serving; a CPU serves 16 answers at once by default."""
+    import uvicorn
+
+    import diffutron.serve
+    from diffutron.cli import main
+
+    apps, real = [], diffutron.serve.create_app
+    monkeypatch.setattr(diffutron.serve, "create_app", lambda lm, **kw: apps.append(real(lm, **kw)) or apps[-1])
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    tiny_lm().save_pretrained(tmp_path / "model")
+    base = ["serve", "--model", str(tmp_path / "model"), "--device", "cpu", "--port", "0"]
+    assert main([*base, "--compile", "--max-batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "engine warmed up in" in err
+    service = apps[-1].state.service
+    assert service.lm.compiled and service.limits.max_batch_size == 4
+    engine = next(iter(service.scheduler._engines.values()))
+    assert engine is service.lm.engine_for(engine.config) and {lay.B for lay in engine.layouts.values()} == {1, 4}
+    assert main(base) == 0
+    assert "warmed up" not in capsys.readouterr().err
+    service = apps[-1].state.service
+    assert not service.lm.compiled and service.limits.max_batch_size == 16 and service.health()["max_batch_size"] == 16
 
 
 def test_cli_serve_refuses_a_busy_port(capsys):

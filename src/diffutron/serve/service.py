@@ -8,6 +8,7 @@ Every user mistake becomes a ``ServiceError`` carrying the HTTP status and OpenA
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import secrets
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from ..errors import DiffutronError
 from ..lm import Completion, DiffusionLM
 from ..sampling import SamplerConfig
+from ..sampling.engine import supports
 from . import protocol as P
 from .scheduler import DenoiseState, Failed, Finished, Job, QueueFull, Scheduler, TextDelta
 
@@ -37,11 +39,17 @@ class ServiceError(Exception):
                                                  code=self.code)).model_dump()
 
 
+def default_max_batch_size(lm: DiffusionLM) -> int:
+    """Answers decoded together when not set: 128 with the model on a GPU, 16 on a CPU."""
+    return 16 if lm.device.type == "cpu" else 128
+
+
 @dataclass
 class Limits:
-    """Request limits of one server (``None`` = the model's context length)."""
+    """Request limits of one server (``None`` = the model's context length; ``max_batch_size``
+    ``None`` = ``default_max_batch_size``: 128 on a GPU, 16 on a CPU)."""
 
-    max_batch_size: int = 16
+    max_batch_size: int | None = None
     max_queue: int = 256
     max_prompt_tokens: int | None = None
     max_tokens: int | None = None
@@ -51,7 +59,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_steps", "max_n"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise DiffutronError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_prompt_tokens", "max_tokens"):
             v = getattr(self, name)
@@ -80,6 +88,8 @@ class OpenAIService:
         self.lm = lm
         self.model_name = served_model_name or lm.name
         self.limits = limits or Limits()
+        if self.limits.max_batch_size is None:
+            self.limits = dataclasses.replace(self.limits, max_batch_size=default_max_batch_size(lm))
         ctx = lm.context_length
         self.context = ctx
         self.max_prompt_tokens = min(self.limits.max_prompt_tokens or ctx, ctx - 1)
@@ -109,9 +119,44 @@ class OpenAIService:
         return P.ModelList(data=[self.model_card()])
 
     def health(self) -> dict:
+        """Status for operators: ``queued`` requests, ``running_rows`` (answers decoding now),
+        ``max_batch_size``, ``compiled`` (the engine runs CUDA graphs / torch.compile) and the
+        scheduler's counters (``scheduler.Stats``: batches, blocks, joined_running, ...)."""
         s = self.scheduler
         return {"status": "ok", "model": self.model_name, "queued": s.queued, "running_rows": s.running_rows,
+                "max_batch_size": self.limits.max_batch_size, "compiled": bool(getattr(self.lm, "compiled", False)),
                 "stats": vars(s.stats).copy()}
+
+    def warm_up(self, text: str = "Merhaba") -> dict | None:
+        """Decode a short chat prompt with a default request's settings at batch 1 and at the largest
+        batch, on the engine the server will use, compiling it and capturing its graphs now rather
+        than during the first requests. On a GPU the largest batch then runs once more, timed: the
+        engine's own tokens/s at that batch, what serving at full load is measured against.
+
+        Returns ``{"seconds", "batch", "tokens_per_s"}`` (``tokens_per_s`` None on a CPU), or None
+        when the default settings run on the eager sampler (nothing to warm up). Call before serving."""
+        prep = self.prepare_chat(P.ChatCompletionRequest(messages=[P.ChatMessage(role="user", content=text)], seed=0))
+        job, lm = prep.job, self.lm
+        if supports(job.config, job.token_lists, lm.mask_token_id) is not None:
+            return None
+        engine = self.scheduler.engine_for(job.config)
+        batch = min(self.limits.max_batch_size, engine.max_batch)
+
+        def run(rows: int):
+            ids, att = lm.batch(job.token_lists * rows)
+            return engine.generate(ids, att, seeds=list(range(rows)), stop_sequences=lm.stop_sequences)
+
+        t0 = time.perf_counter()
+        for rows in sorted({1, batch}):
+            run(rows)
+        seconds = time.perf_counter() - t0
+        tokens_per_s = None
+        if lm.device.type == "cuda":
+            t1 = time.perf_counter()
+            out = run(batch)
+            done = sum(c.completion_tokens for c in lm.completions(out, job.token_lists * batch, lm.stop_sequences))
+            tokens_per_s = done / (time.perf_counter() - t1)
+        return {"seconds": seconds, "batch": batch, "tokens_per_s": tokens_per_s}
 
     def check_model(self, name: str | None) -> None:
         # Compared as a string only: a request can never name a path to load.
