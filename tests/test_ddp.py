@@ -1,4 +1,9 @@
-"""Two CPU processes under torchrun (DDP over gloo) train like one process with the doubled batch.
+"""Two processes under torchrun (DDP) train like one process with the doubled batch.
+
+With 2 or more GPUs the processes take one GPU each (NCCL) and the one-process reference runs on the
+first GPU; with fewer, CUDA is hidden from the processes, they run DDP over gloo on the CPU, and the
+reference trains on the CPU too, so the two runs always compare like with like. Both run in fp32:
+the test compares summation orders, which bf16's rounding would swamp.
 
 On CPU, ``accelerate launch`` starts a single process (it expects MPI for multi-CPU), while
 ``Accelerator`` inside torchrun's processes runs DDP: the test launches the real CLI with torchrun
@@ -9,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -19,8 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffutron.lm import DiffusionLM
-from diffutron.tiny import SAMPLE_TEXTS, tiny_model, tiny_tokenizer
+from tiny_runs import tiny_run_inputs
 from diffutron.training import train
 from diffutron.training.config import load_train_config
 
@@ -35,19 +38,18 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    tok = tiny_tokenizer()
-    DiffusionLM(tiny_model(tok, seed=2), tok).save_pretrained(tmp_path / "base")
-    rng = random.Random(2)
-    with open(tmp_path / "corpus.jsonl", "w", encoding="utf-8") as fh:
-        for _ in range(160):
-            fh.write(json.dumps({"text": " ".join(rng.sample(SAMPLE_TEXTS, 3))}, ensure_ascii=False) + "\n")
+    on_gpus = torch.cuda.device_count() >= 2  # else: CPU processes over gloo (one GPU cannot host two ranks)
+    tiny_run_inputs(tmp_path, seed=2, rows=160)
     stage = tmp_path / "stage.yaml"
     stage.write_text("max_steps: 8\nlr: 1.0e-2\nwarmup_steps: 1\nlog_every: 2\neval_every: 4\nsave_every: 4\n"
-                     "progress: false\ndata: {max_length: 32, heldout_fraction: 0.1}\n", encoding="utf-8")
+                     "progress: false\nmixed_precision: 'no'\ndata: {max_length: 32, heldout_fraction: 0.1}\n",
+                     encoding="utf-8")
     common = ["--model", str(tmp_path / "base"), "--data", str(tmp_path / "corpus.jsonl"), "--config", str(stage)]
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    path = [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
+    if not on_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # no CUDA in the processes: the loop then runs DDP over gloo
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -57,7 +59,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
 
     one = tmp_path / "one"
     config = load_train_config(stage, model=str(tmp_path / "base"), output_dir=str(one), batch_size=4,
-                               **{"data.train": str(tmp_path / "corpus.jsonl")})
+                               cpu=not on_gpus, **{"data.train": str(tmp_path / "corpus.jsonl")})
     train(config)
 
     run_two, run_one = (json.loads((d / "run.json").read_text()) for d in (two, one))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from diffutron.cli import main as cli_main
 from diffutron.errors import DiffutronError
 from diffutron.lm import DiffusionLM
 from diffutron.tiny import SAMPLE_TEXTS, tiny_model, tiny_tokenizer
+from tiny_runs import loss_batch, tiny_run_inputs
 from diffutron.training import DataConfig, LoraSettings, TrainConfig, train
 from diffutron.training import loop as loop_module
 from diffutron.training.checkpoint import latest_checkpoint, list_checkpoints
@@ -34,12 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def files(tmp_path_factory):
     """A tiny model directory, a pre-training corpus and a chat file (made here, seeded)."""
     d = tmp_path_factory.mktemp("train")
-    tok = tiny_tokenizer()
-    DiffusionLM(tiny_model(tok, seed=0), tok).save_pretrained(d / "base")
-    rng = random.Random(0)
-    with open(d / "corpus.jsonl", "w", encoding="utf-8") as fh:
-        for _ in range(240):
-            fh.write(json.dumps({"text": " ".join(rng.sample(SAMPLE_TEXTS, 3))}, ensure_ascii=False) + "\n")
+    tiny_run_inputs(d, seed=0, rows=240)
     with open(d / "chat.jsonl", "w", encoding="utf-8") as fh:
         for i in range(60):
             q, a = SAMPLE_TEXTS[i % 6], SAMPLE_TEXTS[6 + i % 6]
@@ -165,16 +160,8 @@ def test_fused_loss_equals_mdlm_loss_in_value_and_gradients(arch, lora, weighted
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.1)
     assert output_layer(model) is not None
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, len(tok), (3, 20), generator=g)
-    maskable = torch.ones_like(ids, dtype=torch.bool)
-    maskable[0, :7] = False
-    att = torch.ones_like(ids)
-    att[2, 15:] = 0
-    maskable[2, 15:] = False
-    t = torch.tensor([0.9, 0.3, 0.6])
-    noise = (torch.rand(ids.shape, generator=g) < t[:, None]) & maskable
-    weight = torch.rand(ids.shape, generator=g) if weighted else None
+    ids, maskable, att, t, noise = loss_batch(tok)
+    weight = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) if weighted else None
     grads = []
     for fn in (mdlm_loss, fused_mdlm_loss):
         model.zero_grad(set_to_none=True)
@@ -255,8 +242,9 @@ def test_sft_never_masks_the_prompt(files, tmp_path, monkeypatch, grouped):
 
 
 def test_gradient_accumulation_and_reruns_match_exactly(files, tmp_path):
-    common = dict(max_steps=4, eval_at_start=False, data=DataConfig(train=str(files / "corpus.jsonl"), max_length=32,
-                                                                   heldout_fraction=0.0))
+    # fp32 everywhere: on a GPU `auto` is bf16, whose rounding swamps the summation-order difference
+    common = dict(max_steps=4, eval_at_start=False, mixed_precision="no",
+                  data=DataConfig(train=str(files / "corpus.jsonl"), max_length=32, heldout_fraction=0.0))
     train(pretrain_config(files, tmp_path / "a", batch_size=4, **common))
     train(pretrain_config(files, tmp_path / "b", batch_size=4, **common))
     train(pretrain_config(files, tmp_path / "c", batch_size=2, grad_accum=2, **common))
@@ -270,7 +258,7 @@ def test_length_grouping_gives_accumulation_the_same_data(files, tmp_path):
     data = DataConfig(train=str(files / "chat.jsonl"), max_length=40, heldout_fraction=0.0, group_by_length=True,
                       padding="exclude")
     assert len({len(t) for t in SAMPLE_TEXTS[:6]}) > 1  # the questions differ in length, so do the rows
-    common = dict(max_steps=3, eval_at_start=False, data=data)
+    common = dict(max_steps=3, eval_at_start=False, data=data, mixed_precision="no")  # fp32: sums compared
     train(pretrain_config(files, tmp_path / "a", batch_size=4, **common))
     train(pretrain_config(files, tmp_path / "c", batch_size=2, grad_accum=2, **common))
     a, c = weights(tmp_path / "a"), weights(tmp_path / "c")
@@ -375,5 +363,6 @@ def test_resume_refuses_other_settings(files, tmp_path):
 
 
 def test_bf16_mixed_precision_runs_on_cpu(files, tmp_path):
-    result = train(pretrain_config(files, tmp_path / "bf16", max_steps=2, mixed_precision="bf16", eval_at_start=False))
+    result = train(pretrain_config(files, tmp_path / "bf16", max_steps=2, mixed_precision="bf16", eval_at_start=False,
+                                   cpu=True))  # CPU autocast even where a GPU exists (tests/test_gpu.py: CUDA)
     assert result.final_loss is not None and result.final_loss == result.final_loss  # finite, not NaN

@@ -34,6 +34,7 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 T_SAMPLING = ("iid", "antithetic", "stratified")
 NOISE_SCHEDULES = ("linear", "loglinear", "cosine")
 LOSS_WEIGHTINGS = ("elbo", "flat")  # objective.WEIGHTINGS (kept here so settings load without torch)
+FUSED_LOSS_IMPLS = ("auto", "v1", "v2", "v2-compiled")  # fused_loss.IMPLS and auto
 MODERNBERT_LORA_TARGETS = ["Wqkv", "Wo", "Wi"]
 
 
@@ -204,6 +205,11 @@ class TrainConfig:
     eps: float = _help("t = eps + (1 - eps) * u", 1e-3)
     fused_loss: bool = _help("compute the output layer and the cross-entropy together, in chunks: the same loss "
                              "and gradients with far less memory (false: objective.mdlm_loss)", True)
+    fused_loss_impl: str = _help("the fused loss's implementation: auto (per device, fused_loss.AUTO_IMPL), v1, v2 "
+                                 "(larger blocks kept in bf16 under autocast) or v2-compiled (v2 with each block's "
+                                 "softmax and gradient compiled); the same loss and gradients", "auto")
+    compile: bool = _help("compile the encoder layers with torch.compile for the training steps (evaluation runs "
+                          "eager); the first steps pay the compile time; ignored under FSDP and DeepSpeed", False)
 
     log_every: int = _help("optimizer steps between metric lines", 10)
     eval_every: int | None = _help("optimizer steps between held-out evaluations (None: at start and end only)", None)
@@ -227,6 +233,7 @@ class TrainConfig:
         _check_choice("noise_schedule", self.noise_schedule, NOISE_SCHEDULES)
         _check_choice("t_sampling", self.t_sampling, T_SAMPLING)
         _check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        _check_choice("fused_loss_impl", self.fused_loss_impl, FUSED_LOSS_IMPLS)
         _check_range("epochs", self.epochs, low=0.0, low_open=True)
         _check_range("max_steps", self.max_steps, low=1, allow_none=True)
         _check_range("batch_size", self.batch_size, low=1)

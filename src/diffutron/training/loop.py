@@ -45,7 +45,7 @@ from ..schedules import get_schedule, sample_t
 from . import checkpoint as ckpt
 from .checkpoint import RUN_RECORD, STATE_FILE, check_output, clean_stale
 from .config import TrainConfig
-from .fused_loss import fused_mdlm_loss
+from .fused_loss import compile_encoder_layers, fused_mdlm_loss
 from .inputs import (CACHE, build_data, check_start, data_fingerprint, load_cached, load_start, resolve_kind,
                      save_cache)
 from .lora import apply_lora, is_peft, merge_lora
@@ -55,7 +55,7 @@ PRETRAIN_LENGTH, INSTRUCT_LENGTH = 512, 256  # the paper's sequence lengths
 # settings that may differ between a run and its resumption
 _RESUME_FREE = {"log_every", "eval_every", "eval_at_start", "eval_sequences", "eval_draws", "eval_seed", "save_every",
                 "keep_last", "keep_checkpoints", "progress", "tensorboard", "output_dir", "model", "cpu", "fused_loss",
-                "data.cache", "data.skip_bad_rows"}
+                "fused_loss_impl", "compile", "data.cache", "data.skip_bad_rows"}
 
 Evaluator = Callable[..., dict]
 
@@ -318,6 +318,13 @@ def _run(config, accelerator, out, state, resume, evaluators, model, tokenizer, 
     if config.method == "lora":
         model = apply_lora(model, config.lora)
     model.train()
+    uncompile = None
+    if config.compile:  # the encoder layers, compiled for training steps (fused_loss.compile_encoder_layers)
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            if main:
+                say("compile: not supported under FSDP / DeepSpeed here; training runs eager")
+        else:
+            uncompile = compile_encoder_layers(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     decay = [p for p in trainable if p.ndim >= 2]
@@ -417,11 +424,12 @@ def _run(config, accelerator, out, state, resume, evaluators, model, tokenizer, 
                 window["tokens"] += batch.tokens
                 batch = batch.to(accelerator.device)
                 loss_fn = fused_mdlm_loss if config.fused_loss else mdlm_loss
+                impl = {"impl": config.fused_loss_impl} if config.fused_loss else {}
                 loss = loss_fn(
                     model, batch.input_ids, batch.maskable, mask_token_id=mask_token_id,
                     attention_mask=batch.attention_mask, t=t, noise_mask=noise.to(accelerator.device),
                     schedule=config.noise_schedule, target_weight=batch.target_weight,
-                    weighting=config.loss_weighting,
+                    weighting=config.loss_weighting, **impl,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -463,6 +471,8 @@ def _run(config, accelerator, out, state, resume, evaluators, model, tokenizer, 
             ckpt.save_checkpoint(accelerator, out, step, state, config.keep_last)
     bar.close()
     metrics.close()
+    if uncompile is not None:
+        uncompile()
 
     # 7. the final model
     _save_final(config, accelerator, model, tokenizer, out, record, result)
@@ -508,7 +518,7 @@ def _check_resumable(saved: dict, record: dict, path: Path) -> None:
 def _save_final(config, accelerator, model, tokenizer, out: Path, record: dict, result: TrainResult) -> None:
     """Model (merged, adapter or full) + tokenizer + run record into ``out``; train_state.json last."""
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = _final_state_dict(accelerator, model)
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model)
         tmp = out / ".final-tmp"
@@ -536,6 +546,29 @@ def _save_final(config, accelerator, model, tokenizer, out: Path, record: dict, 
                                                    "final_loss": result.final_loss})
         say(f"finished: {saved_as} model in {out}")
     accelerator.wait_for_everyone()
+
+
+def _final_state_dict(accelerator, model) -> dict:
+    """The weights to save, gathered from every process: under DeepSpeed the float32 master copies
+    of the trained parameters (its bf16 mode keeps the module itself in bf16), and an output layer
+    tied to the embeddings once (a gathered state dict holds both names as separate copies)."""
+    from accelerate.utils import DistributedType
+
+    state = accelerator.get_state_dict(model)
+    inner = accelerator.unwrap_model(model)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, param in inner.named_parameters():  # collective under ZeRO-3: every process calls it
+            full = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if full is not None and state is not None and name in state:
+                state[name] = full.detach().cpu()
+    if state is not None:
+        first: dict[int, str] = {}
+        for name, param in inner.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(param), name) != name:
+                state.pop(name, None)  # a tied duplicate: from_pretrained ties it again
+    return state
 
 
 def finished_result(out: Path) -> TrainResult:
