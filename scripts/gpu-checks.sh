@@ -32,7 +32,10 @@ for step in $steps; do
     train) timeout "${TRAIN_S:-120}" python3 benchmarks/train_step.py --budget-s "${TRAIN_BUDGET_S:-85}" \
              --json "$OUT/train.json" > "$OUT/train.txt" 2>&1
            echo "== train rc=$? $(( $(date +%s) - start )) s"; tail -25 "$OUT/train.txt" ;;
-    tests) timeout "${TESTS_S:-240}" python3 -m pytest -v -p no:cacheprovider -n "${WORKERS:-14}" --timeout 200 -rfE \
+    tests) # -o addopts="": pyproject's -q would cancel -v, and -v names each test as it ends (a run cut short
+           # by its time limit still says which failed)
+           timeout "${TESTS_S:-240}" python3 -m pytest -o addopts="" -v -p no:cacheprovider -n "${WORKERS:-14}" \
+             --timeout 200 -rfE \
              --tb=short ${TESTS:-tests} > "$OUT/pytest.txt" 2>&1
            echo "== tests rc=$? $(( $(date +%s) - start )) s"
            grep -E " (FAILED|ERROR) |^(FAILED|ERROR)|passed|failed" "$OUT/pytest.txt" | tail -30 ;;
@@ -42,7 +45,9 @@ for step in $steps; do
            wait
            echo "== tests $(( $(date +%s) - start )) s"; grep -E " (FAILED|ERROR) |^(FAILED|ERROR)|passed|failed" \
              "$OUT/pytest.txt" | tail -30 ;;
-    serve) timeout "${SERVE_S:-150}" python3 benchmarks/serve_load.py ${SERVE_ARGS:-} --json "$OUT/serve.json" \
+    serve) # the deadline must cover the model save, the server start and its warm-up compile (~60 s on an H200)
+           timeout "${SERVE_S:-170}" python3 benchmarks/serve_load.py \
+             ${SERVE_ARGS:---random mmbert-base --clients 128,1,8,32 --seconds 2 --deadline 160} --json "$OUT/serve.json" \
              > "$OUT/serve.txt" 2>&1
            echo "== serve rc=$? $(( $(date +%s) - start )) s"; tail -30 "$OUT/serve.txt" ;;
     *) echo "unknown step $step: bench | train | tests | train+tests | serve"; exit 2 ;;
