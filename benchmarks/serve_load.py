@@ -22,7 +22,7 @@ here with the time since the start.
 
     .venv/bin/python benchmarks/serve_load.py --quick                     # CPU: embedded model, ~1 min
     .venv/bin/python benchmarks/serve_load.py --clients 1,8 --stream --json out.json
-    python3 benchmarks/serve_load.py --random mmbert-base --deadline 90   # a GPU: 0.3B shape, compiled
+    python3 benchmarks/serve_load.py --random mmbert-base --deadline 160  # a GPU: 0.3B shape, compiled (~60 s warm-up)
     python3 benchmarks/serve_load.py --model DIR --server-args "--compile --max-batch-size 128"
 
 Uses only the standard library as the HTTP client (plus torch/transformers for ``--random``).
