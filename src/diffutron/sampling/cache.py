@@ -154,10 +154,6 @@ class DualCache:
             hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         return modernbert_head(self.mlm, picked)
 
-    def _masks(self, q_pos: torch.Tensor, keys_att: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Boolean attention masks [b, 1, n, L] per layer type (True = attend)."""
-        return modernbert_masks(q_pos, keys_att, self.half_window)
-
     def _layers(self, input_ids: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor | None, *,
                 keys_att: torch.Tensor | None = None, dest: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder over ``input_ids`` at positions ``pos`` [b, n]: with ``keys_att`` (a refresh)
@@ -170,7 +166,7 @@ class DualCache:
         rope = {t: enc.rotary_emb(x, pos, t) for t in set(enc.config.layer_types)}
         if keys_att is None:
             keys_att = self.keys_att if slot is None else self.keys_att[slot]
-        masks = self._masks(pos, keys_att)
+        masks = modernbert_masks(pos, keys_att, self.half_window)
         for i, layer in enumerate(enc.layers):
             qkv = layer.attn.Wqkv(layer.attn_norm(x)).view(b, n, 3, self.heads, self.head_dim)
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [b, h, n, d]

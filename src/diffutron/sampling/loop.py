@@ -209,7 +209,7 @@ def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token
             both = logits_at(model, torch.cat([x, uncond]), torch.cat([target, target]),
                              None if model_att is None else torch.cat([att, att]))
             cond, unc = both.float().chunk(2)
-            logits = unc + (cfg.cfg_scale + 1.0) * (cond - unc)
+            logits = policies.guide(cond, unc, cfg.cfg_scale)
         else:
             logits = logits_at(model, x, target, model_att).float()
         nfe += forwards
