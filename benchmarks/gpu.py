@@ -159,6 +159,22 @@ def exactness(device, shape, vocab, prompt_len, new):
     del model
 
 
+PROFILE: set[int] = set()  # batch sizes whose compiled runs are also profiled (--profile)
+
+
+def profile(fn, what: str, rows: int = 18) -> None:
+    """One more call of ``fn`` under torch.profiler: where the GPU time goes, kernel by kernel."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"  -- profile: {what}")
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    print("\n".join("  | " + line for line in table.splitlines()), flush=True)
+
+
 def batches(device, model, cfg, sizes, modes, prompt_len, vocab, part, label):
     """tokens/s of each mode at each batch size (prompts of ``prompt_len`` random ids)."""
     engines = {}
@@ -185,6 +201,8 @@ def batches(device, model, cfg, sizes, modes, prompt_len, vocab, part, label):
                 continue
             extra = {"compile_capture_s": engines[mode].capture_s - before} if mode in engines else {}
             record(part, f"{label}, {mode}, batch {b}", ms=t * 1e3, tokens_per_s=tokens / t, warmup_s=warm, **extra)
+            if b in PROFILE and mode == "compiled" and device.type == "cuda":
+                profile(fn, f"{label}, {mode}, batch {b}")
 
 
 def main() -> None:
@@ -197,7 +215,9 @@ def main() -> None:
     ap.add_argument("--modes", default="plain,eager,graphs,compiled", help="modes to time in parts 3-5")
     ap.add_argument("--compiled-parts", default="3,4", help="parts that also time the compiled engine (each "
                     "sampler configuration compiles once: tens of seconds)")
+    ap.add_argument("--profile", default="", help="batch sizes whose compiled runs are also profiled (CUDA)")
     args = ap.parse_args()
+    PROFILE.update(int(x) for x in args.profile.split(",") if x)
     parts = {int(p) for p in args.parts.split(",")}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"

@@ -241,16 +241,30 @@ def test_sft_never_masks_the_prompt(files, tmp_path, monkeypatch, grouped):
     assert masked > 0
 
 
+def assert_summed_differently(a: dict, c: dict, *, lr: float, steps: int) -> None:
+    """Weights trained on the same data and noise, the gradients summed in another order. Adam
+    divides each gradient by its own size, so one that is nearly 0 may change sign between two
+    orders and move its weight by up to 2 lr a step: on the H200 machine's CPU (another vector
+    width) `allclose(atol=1e-6)` over every weight failed. All but a few in 10,000 weights agree to
+    1e-6, and none is further apart than those flips allow; other data would move nearly all."""
+    diff = torch.cat([(a[k].float() - c[k].float()).abs().flatten() for k in a])
+    far = (diff > 1e-6).float().mean().item()
+    print(f"weights further apart than 1e-6: {far:.2e}; largest difference {diff.max().item():.2e}")
+    assert far < 1e-3 and diff.max().item() <= 2 * lr * steps
+
+
 def test_gradient_accumulation_and_reruns_match_exactly(files, tmp_path):
-    # fp32 everywhere: on a GPU `auto` is bf16, whose rounding swamps the summation-order difference
-    common = dict(max_steps=4, eval_at_start=False, mixed_precision="no",
+    # fp32 on the CPU: what is compared is the loop's data and noise, bit for bit. CUDA is not
+    # bit-reproducible (atomic adds in backward kernels; both tests failed in fp32 on an H200), and
+    # tests/test_gpu.py trains there
+    common = dict(max_steps=4, eval_at_start=False, mixed_precision="no", cpu=True,
                   data=DataConfig(train=str(files / "corpus.jsonl"), max_length=32, heldout_fraction=0.0))
     train(pretrain_config(files, tmp_path / "a", batch_size=4, **common))
     train(pretrain_config(files, tmp_path / "b", batch_size=4, **common))
     train(pretrain_config(files, tmp_path / "c", batch_size=2, grad_accum=2, **common))
     a, b, c = (weights(tmp_path / x) for x in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)  # seeded: bit for bit
-    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)  # same data and noise, summed differently
+    assert_summed_differently(a, c, lr=1e-2, steps=4)  # same data and noise, summed differently
     assert any(not torch.equal(a[k], weights(files / "base")[k]) for k in a)
 
 
@@ -258,11 +272,11 @@ def test_length_grouping_gives_accumulation_the_same_data(files, tmp_path):
     data = DataConfig(train=str(files / "chat.jsonl"), max_length=40, heldout_fraction=0.0, group_by_length=True,
                       padding="exclude")
     assert len({len(t) for t in SAMPLE_TEXTS[:6]}) > 1  # the questions differ in length, so do the rows
-    common = dict(max_steps=3, eval_at_start=False, data=data, mixed_precision="no")  # fp32: sums compared
+    common = dict(max_steps=3, eval_at_start=False, data=data, mixed_precision="no", cpu=True)  # as above
     train(pretrain_config(files, tmp_path / "a", batch_size=4, **common))
     train(pretrain_config(files, tmp_path / "c", batch_size=2, grad_accum=2, **common))
     a, c = weights(tmp_path / "a"), weights(tmp_path / "c")
-    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    assert_summed_differently(a, c, lr=1e-2, steps=3)
 
 
 def _cli_env():

@@ -138,37 +138,62 @@ def draw(block_sums: torch.Tensor, block_weights, u: torch.Tensor, chunk: int = 
     return b * chunk + j
 
 
-def _forbidden(logits: torch.Tensor, forbid: int | None) -> torch.Tensor:
+def allowed(logits: torch.Tensor, forbid: int | None) -> torch.Tensor:
+    """``logits`` with the ``forbid`` id (the mask token) at -inf, as one elementwise expression
+    (under torch.compile it fuses into the reductions that read it; nothing [N, V] is copied)."""
     if forbid is None:
         return logits
-    out = logits.clone()
-    out[:, forbid] = float("-inf")
-    return out
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    return logits.masked_fill(ids == forbid, float("-inf"))
+
+
+def weights_of(logits: torch.Tensor, centre: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Unnormalised sampling weights exp((logits - centre) / T); -inf logits weigh 0."""
+    return torch.add(centre * (-1.0 / temperature), logits, alpha=1.0 / temperature).exp()
 
 
 def candidates(logits: torch.Tensor, u: torch.Tensor | None, *, temperature: float, top_k: int, top_p: float,
                forbid: int | None) -> torch.Tensor:
     """x0 [N]: the argmax at temperature 0, else a draw from softmax(filtered logits / T) with one
-    uniform per position; the ``forbid`` id (the mask token) is never a candidate."""
-    allowed = _forbidden(logits, forbid)
+    uniform per position; the ``forbid`` id (the mask token) is never a candidate.
+
+    Unfiltered draws read the logits in two reductions (the best allowed logit, then the sums of
+    the weights over ``BLOCK``-wide blocks) and gather the drawn block's columns again: no [N, V]
+    weights are kept (on a GPU each full-width float32 tensor is a trip to memory)."""
+    ok = allowed(logits, forbid)
     if temperature == 0:
-        return allowed.argmax(-1)
-    scaled = top_p_filter(top_k_filter(allowed / temperature, top_k), top_p)
-    return inverse_cdf(scaled.softmax(-1), u)
+        return ok.argmax(-1)
+    if top_k or top_p < 1.0:
+        kept = top_p_filter(top_k_filter(ok / temperature, top_k), top_p)
+        return inverse_cdf((kept - kept.amax(-1, keepdim=True)).exp(), u)
+    centre = ok.amax(-1, keepdim=True)  # the best allowed logit (the mask id may lead: never centre on it)
+    n, v = logits.shape
+    sums = in_blocks(weights_of(ok, centre, temperature), BLOCK, 0.0).sum(-1)  # [N, ceil(V / BLOCK)]
+
+    def block_weights(b: torch.Tensor) -> torch.Tensor:  # the drawn block's weights, from its logits
+        cols = b[:, None] * BLOCK + torch.arange(BLOCK, device=logits.device)  # [N, BLOCK]
+        w = weights_of(ok.gather(1, cols.clamp(max=v - 1)), centre, temperature)
+        return w.masked_fill(cols >= v, 0.0)
+
+    return draw(sums, block_weights, u)
 
 
 def confidence(logits: torch.Tensor, x0: torch.Tensor, remasking: str, u_order: torch.Tensor | None) -> torch.Tensor:
     """How sure the model is of each candidate (higher = commit first), from softmax(logits)
-    without temperature: p(x0), p1 - p2 of the best two, -entropy, or a uniform draw (random)."""
+    without temperature: p(x0), p1 - p2 of the best two, -entropy, or a uniform draw (random).
+    Written as reductions over the logits (the row's max, sum exp(l - max)): no [N, V]
+    probabilities are made."""
     if remasking == "random":
         return u_order.to(logits.dtype)
-    logp = logits.log_softmax(-1)
+    top = logits.amax(-1, keepdim=True)
+    centred = logits - top
+    z = centred.exp().sum(-1)  # softmax's normaliser [N]
     if remasking == "low_confidence":
-        return logp.gather(-1, x0[:, None]).squeeze(-1).exp()
+        return centred.gather(-1, x0[:, None]).squeeze(-1).exp() / z
     if remasking == "margin":
-        top2 = logp.topk(2, dim=-1).values.exp()
-        return top2[:, 0] - top2[:, 1]
-    return (logp.exp() * logp).sum(-1)  # entropy: sum p log p = -H
+        top2 = centred.topk(2, dim=-1).values.exp()
+        return (top2[:, 0] - top2[:, 1]) / z
+    return (centred.exp() * centred).sum(-1) / z - z.log()  # entropy: sum p log p = -H
 
 
 def propose(
