@@ -179,3 +179,80 @@ def test_encoding_splits_exactly_at_the_prompt(tok):
     assert prompt + answer == tok.encode(text, add_special_tokens=False)
     assert answer == tok.encode(A + "\n[/Answer]\n\n", add_special_tokens=False)
     assert np.asarray(prompt).size and decode(tok, prompt).rstrip().endswith("[Answer]")
+
+
+def test_longest_as_target_is_the_references_batch_and_loss_normaliser(tmp_path, tok):
+    """padding: longest_as_target = the reference's collator (pad to the batch's longest row, pad
+    labels = pad id, no attention mask) and trainer (loss = 1/b sum_i sum_masked w(t_i) CE / N_i,
+    N_i = labels != -100 in row i). One batch, by hand: N_i = longest - prompt_i."""
+    from diffutron.objective import mdlm_loss
+    from diffutron.tiny import tiny_model
+
+    rows = [{"instruction": Q, "output": A}, {"instruction": "Başkent?", "output": "Ankara."},
+            {"instruction": "Bir şehir söyle.", "output": " ".join([A] * 2)}]
+    f = write_jsonl(tmp_path / "a.jsonl", rows)
+    train, _, _ = build_instruct(tok, cfg(f, max_length=80, padding="longest_as_target"))
+    lengths = [len(train.row(i)[0]) for i in range(3)]
+    starts = [train.row(i)[1] for i in range(3)]
+    longest = max(lengths)
+    assert train.widths().tolist() == lengths  # what group_by_length sorts by
+    batch = train.batch([0, 1, 2])
+    assert batch.input_ids.shape == (3, -(-longest // 16) * 16)
+    # the normaliser by hand: answer + closing marker + padding up to the longest row
+    assert batch.maskable.sum(1).tolist() == [longest - s for s in starts]
+    assert batch.attention_mask[:, :longest].all() and not batch.attention_mask[:, longest:].any()
+    assert not batch.maskable[:, longest:].any()
+    # the reference's tensors: width = longest, labels -100 on the prompt, pad labels after the answer
+    ids = batch.input_ids[:, :longest]
+    labels = ids.clone()
+    for r, s in enumerate(starts):
+        labels[r, :s] = -100
+        assert (ids[r, lengths[r]:] == tok.pad_token_id).all()
+    model = tiny_model(tok, seed=1)
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([0.3, 0.6, 0.9])
+    noise = (torch.rand(ids.shape, generator=g) < t[:, None]) & (labels != -100)
+    with torch.no_grad():  # the reference's compute_loss, steps 3-7, on the reference's tensors
+        noisy = torch.where(noise, tok.mask_token_id, ids)
+        logits = model(input_ids=noisy).logits
+        w = 1 / (t + 1e-6)  # the reference's weight -alpha'/(1 - alpha + 1e-6); ours is 1/t (3e-6 apart here)
+        ce = torch.nn.functional.cross_entropy(logits[noise], ids[noise], reduction="none")
+        ce = ce * w[:, None].expand_as(ids)[noise]
+        n_i = (labels != -100).sum(1, keepdim=True).expand_as(ids)
+        want = (ce / n_i[noise]).sum() / 3
+        full_noise = torch.zeros_like(batch.maskable)
+        full_noise[:, :longest] = noise
+        got = mdlm_loss(model, batch.input_ids, batch.maskable, mask_token_id=tok.mask_token_id,
+                        attention_mask=batch.attention_mask, t=t, noise_mask=full_noise)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    # pad_as_target (to max_length) grows every row's normaliser by the extra padding
+    wide = type(train)(train.ids, train.offsets, train.answer_start, max_length=80, pad_id=tok.pad_token_id)
+    assert wide.batch([0, 1, 2]).maskable.sum(1).tolist() == [80 - s for s in starts]
+
+
+def test_longest_as_target_keeps_a_prompt_that_fills_max_length(tmp_path, tok):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": Q, "output": A}])
+    prompt = len(build_instruct(tok, cfg(f, max_length=80))[0].row(0)[0]) - len(
+        tok.encode(A + "\n[/Answer]\n\n", add_special_tokens=False))
+    kept, _, report = build_instruct(tok, cfg(f, max_length=prompt, padding="longest_as_target"))
+    assert len(kept) == 1 and report.truncated_answers == 1 and kept.row(0)[1] == prompt  # no answer left
+    with pytest.raises(DiffutronError, match="no usable instruction rows"):
+        build_instruct(tok, cfg(f, max_length=prompt))  # pad_as_target needs room for an answer
+
+
+def test_alpaca_instruction_and_input_are_stripped_each(tmp_path, tok):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "  Soru sordu. \n", "input": "\n Ankara  ", "output": A}])
+    user = {True: "Soru sordu.\n\nAnkara", False: "Soru sordu. \n\n\n Ankara"}
+    for strip, text in user.items():
+        train, _, _ = build_instruct(tok, cfg(f, alpaca_strip=strip))
+        want = tok.apply_chat_template([{"role": "user", "content": text}, {"role": "assistant", "content": A}],
+                                       tokenize=False)
+        assert train.row(0)[0].tolist() == tok.encode(want, add_special_tokens=False), strip
+
+
+def test_a_late_system_message_in_chat_rows_is_an_error(tmp_path, tok):
+    conv = [{"role": "user", "content": Q}, {"role": "system", "content": "Kısa."},
+            {"role": "assistant", "content": A}]
+    f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conv}])
+    with pytest.raises(DiffutronError, match=r"chat.jsonl:1: messages\[1\] is a system message after the first"):
+        build_instruct(tok, cfg(f))

@@ -206,6 +206,38 @@ def test_hub_loading_names_labels_and_reports_offline(monkeypatch):
         load_task(TASKS["belebele_tr"])
 
 
+def test_prepare_exports_every_task_from_the_hub_for_an_offline_data_dir(monkeypatch, tmp_path, capsys):
+    import datasets
+
+    by_path = {t.hub_path: name for name, t in TASKS.items()}
+
+    def fake_load(path, name=None, split=None):  # the hub, in memory: each task's DOCS row twice
+        task = TASKS[by_path[path]]
+        assert (name, split) == (task.hub_name, task.split)
+        row = DOCS[task.name]
+        if task.class_label_columns:  # news_cat's labels are ClassLabel ints on the hub
+            names = ["economy", "health", "magazine", "politics", "sport"]
+            features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+            return datasets.Dataset.from_list([{**row, "label": names.index(row["label"])}] * 2, features=features)
+        return datasets.Dataset.from_list([row, row])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    out = tmp_path / "cetvel"
+    assert main(["eval", "cetvel", "--prepare", str(out)]) == 0
+    assert f"--data-dir {out}" in capsys.readouterr().err
+    sources = json.loads((out / "SOURCES.json").read_text(encoding="utf-8"))
+    assert sorted(sources) == sorted(TASK_NAMES) and all(s["rows"] == 2 for s in sources.values())
+    assert not list(out.rglob("*.tmp"))
+    for name in TASK_NAMES:  # offline, the exported files give what the hub gives
+        local, hub = load_task(TASKS[name], out), load_task(TASKS[name])
+        assert local.examples() == hub.examples() == [hub.task.example(DOCS[name])] * 2
+        assert local.source["kind"] == "local"
+    # where it cannot write: one line, before any download
+    assert main(["eval", "cetvel", "--prepare", str(out / "SOURCES.json")]) == 2
+    assert main(["eval", "cetvel", "--prepare", str(tmp_path / "x"), "--tasks", "nope"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics
 
@@ -238,6 +270,13 @@ def test_f1_and_macro_f1_by_hand():
     g2, p2 = [1, 0, 1, 1, 0], [1, 1, 0, 1, 0]
     assert M.f1_binary(g2, p2) == pytest.approx(sk.f1_score(g2, p2))
     assert M.f1_binary([0, 0], [0, 0]) == 0.0  # no positive anywhere: sklearn's zero_division=0
+    lls, choices = [[0.0, 1.0, 0.0, 0.0]] * 3 + [[1.0, 0.0, 0.0, 0.0]], [("a", "b", "c", "d")] * 4
+    golds4 = [1, 1, 0, 3]  # preds 1, 1, 1, 0
+    assert M.score_task(lls, choices, golds4, ["f1"])["f1"]["value"] == pytest.approx(M.f1_binary(golds4, [1, 1, 1, 0]))
+    assert M.score_task(lls, choices, golds4, ["f1"], f1_average="macro")["f1"]["value"] == pytest.approx(
+        M.f1_macro(golds4, [1, 1, 1, 0]))
+    with pytest.raises(ValueError, match="macro_f1"):
+        M.score_task(lls, choices, golds4, ["macro_f1"])
 
 
 def test_bootstrap_stderr_is_seeded_and_sane():
@@ -288,6 +327,13 @@ def test_run_all_tasks_writes_results_with_provenance(tmp_path, cls_lm):
     assert saved["results"]["ironytr"]["metrics"]["acc"]["value"] == pytest.approx(acc)
     assert saved["results"]["ironytr"]["metrics"]["f1"]["value"] == pytest.approx(
         M.f1_binary([r["gold"] for r in irony], [r["pred"] for r in irony]))
+    # CETVEL's names: f1 for both F1 tasks, binary for ironytr and macro for news_cat, recorded per task
+    news = [r for r in rows if r["task"] == "news_cat"]
+    assert saved["results"]["news_cat"]["metrics"]["f1"]["value"] == pytest.approx(
+        M.f1_macro([r["gold"] for r in news], [r["pred"] for r in news]))
+    assert saved["results"]["news_cat"]["f1_average"] == "macro" and saved["results"]["ironytr"]["f1_average"] == "binary"
+    assert "f1_average" not in saved["results"]["belebele_tr"]
+    assert {m for t in TASKS.values() for m in t.metrics} == {"acc", "acc_norm", "f1"}
     # and they are this estimator's values
     first = irony[0]
     direct = loglikelihood(cls_lm, [(first["prompt"], " " + c) for c in first["choices"]])

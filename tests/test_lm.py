@@ -32,6 +32,28 @@ def test_chat_template_renders_reference_format(lm):
     assert no_gen == "[Question]\nBaşkent neresi?\n[/Question]\n\n[Answer]\nAnkara.\n[/Answer]\n\n"
 
 
+def test_chat_template_edges_follow_the_reference_or_fail_in_one_line(lm):
+    tok = lm.tokenizer
+    done = [{"role": "user", "content": "Soru?"}, {"role": "assistant", "content": "Cevap."}]
+    finished = "[Question]\nSoru?\n[/Question]\n\n[Answer]\nCevap.\n[/Answer]\n\n"
+    # the last message is the assistant's: a generation prompt adds nothing (as the reference's template)
+    assert tok.apply_chat_template(done, tokenize=False, add_generation_prompt=True) == finished
+    assert tok.apply_chat_template(done[:1], tokenize=False, add_generation_prompt=True).endswith("[Answer]\n")
+    # a system message after the first (the reference drops it) and an unknown role (it skips it): errors
+    late = [{"role": "user", "content": "Soru?"}, {"role": "system", "content": "Kısa cevap ver."}]
+    with pytest.raises(Exception, match=r"messages\[1\] is a system message after the first message"):
+        tok.apply_chat_template(late, tokenize=False, add_generation_prompt=True)
+    with pytest.raises(Exception, match="unknown role tool"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    # DiffusionLM (generate, chat, the server): the same cases as one-line errors, and nothing to
+    # answer after a finished answer
+    for messages, match in ((late, r"messages\[1\] is a system message"), (done, "the last message is the assistant's"),
+                            ([{"role": "tool", "content": "x"}], "unknown role 'tool'")):
+        with pytest.raises(DiffutronError, match=match):
+            lm.render(messages)
+    assert lm.render(done, chat=False) == "Soru?\n\nCevap."  # raw text: no template, no turn rules
+
+
 def test_existing_chat_template_is_kept():
     tok = tiny_tokenizer()
     tok.chat_template = "{{ messages[0]['content'] }}"

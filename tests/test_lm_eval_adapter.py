@@ -104,9 +104,10 @@ def test_loglikelihood_rolling_is_the_elbo_of_the_text(lm):
 def test_generate_until_cuts_at_stop_strings_and_stops_early(lm):
     model = A.DiffutronLMEval(lm=lm, batch_size=4, block_length=2)
     context = "Türkiye'nin başkenti"
-    free = model.generate_until([Instance("generate_until", {}, (context, {"max_gen_toks": 8, "until": []}), 0)],
+    free = model.generate_until([Instance("generate_until", {}, (context, {"max_gen_toks": 8, "until": [],
+                                                                          "do_sample": False}), 0)],
                                 disable_tqdm=True)[0]
-    config = SamplerConfig(max_new_tokens=8, steps=8, block_length=2, temperature=0.0, repetition_penalty=1.0)
+    config = SamplerConfig(max_new_tokens=8, steps=8, block_length=2, temperature=0.0)  # paper defaults otherwise
     [same] = lm.generate([context], config, chat=False)
     assert free == same.text and free
     words = free.split()
@@ -122,6 +123,37 @@ def test_generate_until_cuts_at_stop_strings_and_stops_early(lm):
         handle.remove()
     assert cut == free[: free.find(stop)] and stop not in cut
     assert counter["n"] < 8  # the stop string also ends decoding at token level
+
+
+def test_generation_uses_the_models_defaults_and_model_args_override_them(lm):
+    """The paper's settings unless model_args say otherwise; the request's max_gen_toks wins (the
+    reference adapter ignores it: always 128 tokens); do_sample=False is greedy."""
+    d = lm.defaults
+    model = A.DiffutronLMEval(lm=lm)
+    paper = model.sampler_config({})
+    assert paper == d.replace(max_new_tokens=d.max_new_tokens, steps=d.steps)
+    assert (paper.block_length, paper.temperature, paper.repetition_penalty, paper.remasking) == (32, 0.1, 1.2,
+                                                                                                   "low_confidence")
+    long = model.sampler_config({"max_gen_toks": 96})
+    assert (long.max_new_tokens, long.steps, long.block_length) == (96, 96, 32)  # one token per step, as the paper
+    assert model.sampler_config({"do_sample": False}).temperature == 0.0
+    assert model.sampler_config({"temperature": 0.7}).temperature == 0.7
+    assert model.sampler_config({"max_gen_toks": 10_000}).max_new_tokens == lm.context_length - 1
+    # the reference adapter's settings, by its own argument names where they differ
+    ref = A.DiffutronLMEval(lm=lm, max_new_tokens=128, steps=128, block_length=128, temperature=0, cfg=0.5,
+                            mc_num=32, is_check_greedy=False, remasking="random", rng="reference", seed=3)
+    got = ref.sampler_config({"max_gen_toks": 16})
+    assert (got.max_new_tokens, got.steps, got.block_length, got.temperature, got.cfg_scale) == (16, 128, 128, 0, 0.5)
+    assert (got.remasking, got.rng, got.seed, got.repetition_penalty) == ("random", "reference", 3, 1.2)
+    assert ref.sampler_config({}).max_new_tokens == min(128, lm.context_length - 1)  # the tiny context caps it
+    assert ref.mc_samples == 32 and ref.check_greedy is False
+    with pytest.raises(A.DiffutronError, match="remasking"):
+        A.DiffutronLMEval(lm=lm, remasking="best")
+    # lm-eval's gen_prefix: no generation prompt, the answer continues the final message (as the reference)
+    chat = [{"role": "user", "content": "Soru?"}, {"role": "assistant", "content": "Cevap:"}]
+    assert model.apply_chat_template(chat, add_generation_prompt=False) == \
+        "[Question]\nSoru?\n[/Question]\n\n[Answer]\nCevap:"
+    assert model.apply_chat_template(chat[:1]) == "[Question]\nSoru?\n[/Question]\n\n[Answer]\n"
 
 
 def test_cli_hands_over_to_lm_eval_with_the_model_registered(saved_model_dir, monkeypatch):

@@ -194,6 +194,21 @@ def test_shipped_recipe_is_valid_and_holds_the_paper_settings(tmp_path, monkeypa
     assert (sft1.config.epochs, sft1.config.batch_size, sft1.config.lr, sft1.config.data.max_length) == (20, 16, 1e-4, 256)
     assert sft1.config.method == "full" and sft1.config.data.heldout_fraction == 0.1 and sft1.config.data.split_seed == 42
     assert sft2.start == "previous" and "InstrucTurca" in sft2.config.data.train
+    # the reference's training (the authors' dLLM fork): padding to the batch's longest row with
+    # length grouping, Alpaca fields stripped each, LoRA on all-linear as peft resolves it
+    for sft in (sft1, sft2):
+        assert sft.config.data.padding == "longest_as_target" and sft.config.data.group_by_length
+        assert sft.config.data.pad_weight == 1.0
+    assert sft1.config.data.format == "alpaca" and sft1.config.data.alpaca_strip
+    assert cpt.config.lora.target_modules == "all-linear"
+    from diffutron.tiny import tiny_model, tiny_tokenizer
+    from diffutron.training import LoraSettings, apply_lora
+
+    wrapped = apply_lora(tiny_model(tiny_tokenizer()), LoraSettings(r=2, target_modules=cpt.config.lora.target_modules))
+    adapted = {name.split(".base_layer")[0].split("base_model.model.")[-1]
+               for name, _ in wrapped.named_modules() if name.endswith(".base_layer")}
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == {"Wqkv", "Wo", "Wi", "dense"}
+    assert "head.dense" in adapted and not any(n.endswith("decoder") for n in adapted)
     assert cli_main(["recipe", "check", str(ROOT / "recipes" / "diffutron-0.3b.yaml")]) == 0
 
 
@@ -238,3 +253,92 @@ def test_docs_describe_every_stage_setting():
         for f in dataclasses.fields(cls):
             if f.name not in ("data", "lora"):
                 assert f"`{prefix}{f.name}`" in text, f"README.md does not describe {prefix}{f.name}"
+
+
+def test_a_variant_merges_into_the_recipe_key_by_key(files, tmp_path):
+    body = two_stage(files, tmp_path / "runs") + """
+variants:
+  small:
+    defaults: {batch_size: 4}
+    stages:
+      cpt: {lora: {r: 4}, max_steps: 6}
+      sft: {data: {max_length: 24}}
+"""
+    recipe = write(tmp_path / "recipe.yaml", body)
+    base, small = load_recipe(recipe), load_recipe(recipe, variant="small")
+    assert base.variant is None and small.variant == "small"
+    assert small.output_dir == Path(str(tmp_path / "runs") + "-small")
+    cpt, sft = small.stages
+    assert (cpt.config.lora.r, cpt.config.lora.alpha, cpt.config.max_steps, cpt.config.batch_size) == (4, 16.0, 6, 4)
+    assert (sft.config.data.max_length, sft.config.data.kind, sft.config.max_steps) == (24, "instruct", 20)
+    assert [s.config.batch_size for s in base.stages] == [8, 8]
+    assert load_recipe(recipe, variant="auto").variant is None  # auto picks only a variant named cpu
+    with pytest.raises(DiffutronError, match="no variant 'big'.*it has: small"):
+        load_recipe(recipe, variant="big")
+    bad = write(tmp_path / "bad.yaml", two_stage(files, tmp_path / "runs") + "variants:\n  x:\n    stages:\n      nope: {}\n")
+    with pytest.raises(DiffutronError, match="no stage 'nope'"):
+        load_recipe(bad, variant="x")
+
+
+def test_stage_card_metrics_callback_deadline_and_card(files, tmp_path, monkeypatch):
+    """With export.card, every finished stage gets its card numbers (perplexity per word, the prompt
+    set's answers); on_stage_end sees them; the export writes them into the card; a deadline that has
+    passed starts no stage."""
+    import time
+
+    dic = write(tmp_path / "tr_TR.dic", "3\nbugün\nhava\nkitap\n")
+    monkeypatch.setenv("DIFFUTRON_LEXICON", str(dic))
+    prompts = write(tmp_path / "prompts.jsonl", '{"prompt": "Bugün hava nasıl?", "kind": "open"}\n'
+                                                 '{"prompt": "Kitap hakkında bir cümle yaz.", "kind": "task"}\n')
+    body = two_stage(files, tmp_path / "runs") + f"""
+export:
+  dir: {tmp_path / 'export'}
+  card: {{perplexity_data: {files / 'corpus.jsonl'}, prompt_set: {prompts}, max_length: 32, draws: 2,
+          max_documents: 20}}
+"""
+    recipe = write(tmp_path / "recipe.yaml", body)
+    assert run_recipe(recipe, deadline=time.perf_counter() - 1) == []
+    seen = []
+    results = run_recipe(recipe, on_stage_end=lambda stage, result, m: seen.append((stage.name, m)))
+    assert [name for name, _ in seen] == ["cpt", "sft"] and len(results) == 2
+    for (name, m), result in zip(seen, results):
+        assert m == json.loads((result.output_dir / "card_metrics.json").read_text())
+        p = m["perplexity"]
+        assert p["words"] > 0 and p["ppl_per_word"] == pytest.approx(torch.exp(torch.tensor(p["loss_per_word"])).item())
+        assert p["loss_per_word"] == pytest.approx(p["loss"] * p["tokens"] / p["words"])
+        ps = m["prompt_set"]
+        assert ps["prompts"] == 2 and ps["open_prompts"] == 1 and len(ps["answers"]) == 2
+        assert set(ps["turkish_share"]) == {"share", "words", "turkish"} and m["train_seconds"] > 0
+    card = json.loads((tmp_path / "export" / "card.json").read_text())
+    assert [s["name"] for s in card["stages"]] == ["cpt", "sft"] and card["stages"][0]["card"] == seen[0][1]
+    assert card["final"]["prompt_set"]["prompts"] == 2 and card["final"]["answer_time"]["seconds"] > 0
+    readme = (tmp_path / "export" / "README.md").read_text()
+    for needle in ("## Numbers", "What it cannot do", "perplexity per word", "Turkish-word share", "tr_TR.dic"):
+        assert needle in readme
+    # a second run skips the finished stages and keeps their numbers
+    again = []
+    run_recipe(recipe, on_stage_end=lambda stage, result, m: again.append(m))
+    assert again == [m for _, m in seen]
+
+
+def test_shipped_tiny_tr_recipe_sizes_its_two_variants():
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    def params(stage) -> int:
+        cfg = ModernBertConfig(**{k: v for k, v in stage.config.init.config.items() if k != "model_type"},
+                               vocab_size=16384, pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2,
+                               sep_token_id=1)
+        with torch.device("meta"):
+            return sum(p.numel() for p in ModernBertForMaskedLM(cfg).parameters())
+
+    gpu, cpu = load_recipe(ROOT / "recipes" / "tiny-tr.yaml"), load_recipe(ROOT / "recipes" / "tiny-tr.yaml", variant="cpu")
+    for recipe in (gpu, cpu):
+        assert [s.name for s in recipe.stages] == ["scratch", "cpt", "sft-general", "sft-specific"]
+        scratch, cpt, general, specific = recipe.stages
+        assert scratch.config.init is not None and cpt.config.method == "lora" and cpt.config.lora.merge
+        assert scratch.config.init.config["mlp_dropout"] > 0 and scratch.config.epochs >= 3
+        assert general.metric.tasks == "general" and specific.metric.tasks == "specific"
+        assert recipe.export.card.perplexity_data.endswith("cpt/validation.jsonl")
+    assert 15e6 <= params(gpu.stages[0]) <= 25e6 and params(gpu.stages[0]) * 2 <= 40e6  # fp16 <= 40 MB
+    assert params(cpu.stages[0]) <= 15e6 and cpu.output_dir != gpu.output_dir
+    assert cli_main(["recipe", "check", str(ROOT / "recipes" / "tiny-tr.yaml"), "--variant", "cpu"]) == 0

@@ -53,12 +53,54 @@ def test_uneven_last_block_and_more_steps_than_tokens(lm):
     assert out.nfe == nfe == 10  # k=0 steps cost no forward
 
 
-def test_block_schedule_rounds_half_to_even():
-    assert block_schedule(32, 32) == [1] * 32
-    assert block_schedule(32, 16) == [2] * 16
-    assert block_schedule(32, 64)[:4] == [0, 1, 0, 1] and sum(block_schedule(32, 64)) == 32
-    assert block_schedule(4, 3) == [1, 2, 1]
-    assert block_schedule(5, 3) == [2, 2, 1]
+def reference_schedules(max_masks: int, max_steps: int) -> dict[tuple[int, int], list[int]]:
+    """Every (masks, steps) schedule of the reference's get_num_transfer_tokens (linear alpha), for
+    all pairs at once: q = (1 - alpha(s)) / (1 - alpha(t)) in float32 (alpha(x) = 1 - x), then
+    torch.round(m * (1 - q)) in float64, capped at m; the nonzero counts."""
+    steps = torch.arange(1, max_steps + 1, dtype=torch.float64)[:, None]  # [S, 1]
+    j = torch.arange(max_steps, dtype=torch.float64)[None, :]  # [1, J]
+    s32 = ((steps - j - 1) / steps).clamp(min=0).float()
+    t32 = ((steps - j) / steps).clamp(min=1e-9).float()
+    q = ((1 - (1 - s32)) / (1 - (1 - t32))).double()  # [S, J], float32 arithmetic taken out exactly
+    left = torch.arange(1, max_masks + 1, dtype=torch.float64)[:, None].repeat(1, max_steps)  # [M, S]
+    counts = torch.zeros(max_masks, max_steps, max_steps, dtype=torch.int64)  # [M, S, J]
+    for jj in range(max_steps):
+        live = torch.arange(1, max_steps + 1) > jj  # step jj exists for S > jj
+        k = torch.minimum(torch.round(left * (1 - q[:, jj])), left)
+        k = torch.where(live[None, :], k, torch.zeros_like(k))
+        counts[:, :, jj] = k.long()
+        left = left - k
+    rows = counts.tolist()
+    return {(m + 1, n + 1): [c for c in rows[m][n] if c > 0] for m in range(max_masks) for n in range(max_steps)}
+
+
+def test_block_schedule_is_the_references_for_every_block_and_step_count():
+    """All 8,192 schedules (1-64 masks, 1-128 steps): the reference's float32 arithmetic, zero
+    steps dropped; 1,207 of them differ from exact round(m / (S - j)) rounding."""
+    want = reference_schedules(64, 128)
+    got = {key: block_schedule(*key) for key in want}
+    assert [k for k in want if got[k] != want[k]] == []
+    assert all(sum(v) == m and all(c > 0 for c in v) for (m, _), v in got.items())
+
+    def exact(m, steps):
+        out, left = [], m
+        for j in range(steps):
+            k = min(left, round(left / (steps - j)))
+            out, left = out + [k] * (k > 0), left - k
+        return out
+
+    assert sum(exact(*key) != v for key, v in want.items()) == 1207
+    assert block_schedule(4, 3) == [1, 1, 2] and exact(4, 3) == [1, 2, 1]  # the issue's example
+    assert block_schedule(32, 32) == [1] * 32 and block_schedule(32, 16) == [2] * 16
+    assert block_schedule(32, 64) == [1] * 32  # every other step reveals 0: dropped, no forward
+    assert block_schedule(0, 8) == []
+
+
+def test_oracle_schedule_is_the_tests_schedule():
+    from reference_sampler import transfer_schedule
+
+    want = reference_schedules(16, 24)
+    assert all(transfer_schedule(m, n) == want[(m, n)] for m in range(1, 17, 3) for n in range(1, 25))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
@@ -200,6 +242,85 @@ def test_row_seeds():
     assert SamplerConfig(seed=[9, 1]).row_seeds(2) == [9, 1]
     with pytest.raises(DiffutronError, match="one per row"):
         SamplerConfig(seed=(1, 2)).row_seeds(3)
+
+
+def test_reference_rng_draws_what_the_reference_lines_draw(monkeypatch):
+    """rng="reference": per step U = torch.rand_like(logits, dtype=float64) over [B, T, V] from the
+    generator torch.manual_seed(seed) sets, x0 = argmax(exp(logits) / (-log U) ** T), then
+    torch.rand((B, T)) for random remasking; ours reads only the positions it needs (drawn in
+    chunks that split rows of the canvas here), and later steps continue the same stream."""
+    from diffutron.sampling import noise, policies
+
+    monkeypatch.setattr(noise.ReferenceNoise, "CHUNK_VALUES", 3 * 1000)  # 3 positions per chunk: 5 chunks
+    g = torch.Generator().manual_seed(0)
+    b, t, v, temperature, seed = 2, 7, 1000, 0.7, 11
+    steps = [torch.randn(b, t, v, generator=g) * 3 for _ in range(2)]
+    rows, cols = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([2, 6, 0, 3, 4])
+    want = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for logits in steps:  # the reference's lines, float64
+            u = torch.rand_like(logits, dtype=torch.float64)
+            x0 = (logits.to(torch.float64).exp() / (-torch.log(u)) ** temperature).argmax(-1)
+            want.append((x0[rows, cols], torch.rand((b, t))[rows, cols]))
+    stream = noise.ReferenceNoise(seed)
+    for logits, (x0, order) in zip(steps, want):
+        u = stream.token_uniforms((b, t, v), rows, cols)
+        got = policies.gumbel_candidates(logits[rows, cols], u, temperature=temperature)
+        assert torch.equal(got, x0)
+        assert torch.equal(stream.order_uniforms((b, t), rows, cols), order)
+    probe = steps[0][rows, cols]
+    x0, conf = policies.propose_reference(probe, stream.token_uniforms((b, t, v), rows, cols), None,
+                                          temperature=temperature, top_k=0, top_p=1.0, remasking="low_confidence")
+    torch.testing.assert_close(conf.double(), torch.softmax(probe.double(), -1).gather(1, x0[:, None]).squeeze(1))
+
+
+REFERENCE_RNG = [
+    dict(temperature=0.7),
+    dict(temperature=0.1, repetition_penalty=1.2),
+    dict(temperature=1.0, cfg_scale=1.5),
+    dict(temperature=0.5, remasking="random"),
+    dict(temperature=0.0, remasking="random"),
+]
+
+
+@pytest.mark.parametrize("settings", REFERENCE_RNG, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_reference_rng_reproduces_a_seeded_run_of_the_reference(lm, settings):
+    from reference_sampler import oracle_batch
+
+    prompts = [PROMPT, [33, 8, 9], [50, 51, 52, 53, 54, 55, 56]]  # ragged: the draw covers the padded canvas
+    settings = {"repetition_penalty": 1.0, **settings}
+    ours = dict(max_new_tokens=12, steps=10, block_length=4, stop_at_eos=False, seed=7, **settings)
+    for batch in (prompts[:1], prompts):
+        want, nfe = oracle_batch(lm.model, batch, mask_id=lm.mask_token_id, eos_id=lm.eos_token_id, seed=7,
+                                 steps=10, gen_length=12, block_length=4, **settings)
+        out = run(lm, batch, rng="reference", **ours)
+        for r, p in enumerate(batch):
+            n = len(p) + 12
+            assert out.sequences[r, :n].tolist() == want[r][:n], (len(batch), r)
+        assert out.nfe == nfe
+    keyed = run(lm, prompts[:1], **ours)
+    if settings["temperature"] >= 0.5:  # the default draws from per-row keyed streams: other tokens
+        assert keyed.sequences[0].tolist() != want[0][: keyed.sequences.shape[1]]
+
+
+def test_reference_rng_settings():
+    with pytest.raises(DiffutronError, match="rng='reference'.*one integer seed"):
+        SamplerConfig(rng="reference", seed=(1, 2))
+    with pytest.raises(DiffutronError, match="rng='mine'"):
+        SamplerConfig(rng="mine")
+    from diffutron.sampling.engine import supports
+
+    assert "rng='reference'" in supports(SamplerConfig(rng="reference"), [[5, 6]], mask_token_id=4)
+    assert SamplerConfig().rng == "keyed"
+    import argparse
+
+    from diffutron.cli.generate import add_sampler_args, sampler_config
+
+    parser = argparse.ArgumentParser()
+    add_sampler_args(parser)
+    assert sampler_config(parser.parse_args(["--rng", "reference", "--seed", "4"])).replace().rng == "reference"
+    assert sampler_config(parser.parse_args([])).rng == "keyed"
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.5])

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from html.parser import HTMLParser
 
 import httpx
 import pytest
@@ -816,6 +817,65 @@ def test_web_page_is_served(http):
     js = http.get("/static/app.js")
     assert js.status_code == 200 and "include_denoising" in js.text
     assert http.get("/static/style.css").status_code == 200
+    assert '<html lang="tr">' in r.text and "{{" not in r.text  # Turkish, every default filled in
+
+
+class _Fields(HTMLParser):
+    """Every element with an id: its attributes (the web page's form fields)."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_id, self.titled, self.visible = {}, [], []
+        self._skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.by_id[attrs["id"]] = attrs
+        if attrs.get("title"):
+            self.titled.append(attrs["title"])
+        self._skip += tag in ("script", "style")
+
+    def handle_endtag(self, tag):
+        self._skip -= tag in ("script", "style")
+
+    def handle_data(self, data):
+        if not self._skip and data.strip():
+            self.visible.append(data.strip())
+
+
+def test_web_page_defaults_are_the_clis(http):
+    """The page's sampler fields default to exactly what `diffutron generate` / `chat` use when no
+    flag is given (the server renders its defaults into the page; nothing is hard-coded there),
+    seed 0 included, although the API itself draws a random seed for a request without one."""
+    from diffutron.cli import build_parser
+
+    cli = build_parser().parse_args(["generate", "x"])
+    want = {"max_tokens": cli.max_new_tokens, "steps": cli.steps, "block_length": cli.block_length,
+            "temperature": cli.temperature, "top_p": cli.top_p, "repetition_penalty": cli.repetition_penalty,
+            "remasking": cli.remasking, "threshold": cli.threshold, "cfg_scale": cli.cfg_scale, "seed": cli.seed}
+    assert cli.seed == 0
+    page = _Fields()
+    page.feed(http.get("/").text)
+    got = {field: page.by_id[field]["data-default"] for field in want}
+    assert {k: v if k == "remasking" or v == "" else float(v) for k, v in got.items()} == \
+        {k: v if k == "remasking" else "" if v is None else float(v) for k, v in want.items()}
+
+
+def test_web_page_speaks_turkish_with_english_tooltips(http):
+    page = _Fields()
+    page.feed(http.get("/").text)
+    text = " ".join(page.visible)
+    for english in ("New chat", "Settings", "Send", "Stop", "Sampler", "Connection", "Reset to defaults",
+                    "max tokens", "temperature", "seed", "system message", "replay", "connecting"):
+        assert english not in text, english
+    for turkish in ("Yeni sohbet", "Ayarlar", "Gönder", "Durdur", "Örnekleyici", "tohum", "sıcaklık"):
+        assert turkish in text, turkish
+    for english in ("new chat", "temperature", "seed", "replay the denoising", "remasking"):
+        assert any(english in t for t in page.titled), english
+    for field in ("max_tokens", "steps", "block_length", "temperature", "top_p", "repetition_penalty", "threshold",
+                  "cfg_scale", "seed"):  # each field's label carries the English name and the CLI flag
+        assert any(t.lower().startswith(field.replace("_", " ")) and "--" in t for t in page.titled), field
 
 
 # --------------------------------------------------------------------------------- CLI

@@ -2,7 +2,8 @@
 by Selenium with the system driver: nothing is downloaded).
 
 A Turkish prompt goes in; the page must show intermediate canvases (masked slots filling in,
-block by block), then the final answer, identical to the library's for the same settings.
+block by block), then the final answer, identical to the library's for the same settings. The
+page speaks Turkish, and its defaults are the CLI's (seed 0, turn N with seed + N).
 Screenshots are saved under ``artifacts/`` (mid-denoising, final, replay, phone width).
 Skipped, with the reason printed, only where Chromium or its driver is missing.
 """
@@ -26,6 +27,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 PROMPT = "Türkiye'nin başkenti neresidir?"
+EMPTY_ANSWER = "(boş yanıt: model sırasını hemen bitirdi)"
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--disable-extensions", "--window-size=1280,900", "--lang=tr-TR"]
@@ -100,6 +102,7 @@ def test_page_shows_the_answer_denoising_live(driver, page, lm):
     _set(driver, "seed", "7")
     _set(driver, "max_tokens", "48")
     _set(driver, "block_length", "16")
+    assert driver.find_element(By.ID, "steps").get_attribute("placeholder") == "48"  # the server's steps for 48 tokens
 
     box = driver.find_element(By.ID, "prompt")
     box.send_keys(PROMPT)
@@ -121,8 +124,8 @@ def test_page_shows_the_answer_denoising_live(driver, page, lm):
     assert frames >= 10 and int(msg.get_attribute("data-max-masked")) >= 40
     text = msg.find_element(By.CSS_SELECTOR, ".text").get_attribute("textContent")
     expected = lm.generate(PROMPT, seed=7, max_new_tokens=48, steps=48, block_length=16)[0].text
-    assert text == (expected or "(empty answer)")
-    assert "tokens" in msg.find_element(By.CSS_SELECTOR, ".meta").text
+    assert text == (expected or EMPTY_ANSWER)
+    assert "token" in msg.find_element(By.CSS_SELECTOR, ".meta").text
     user = driver.find_element(By.CSS_SELECTOR, ".msg.user").get_attribute("textContent")
     assert user == PROMPT
     driver.save_screenshot(str(ARTIFACTS / "serve_page_final.png"))
@@ -135,7 +138,7 @@ def test_page_shows_the_answer_denoising_live(driver, page, lm):
     assert 0 < masked_mid < 48
     driver.save_screenshot(str(ARTIFACTS / "serve_page_replay.png"))
 
-    # 4. a second turn carries the history
+    # 4. a second turn carries the history, with seed + 1 (as `diffutron chat`)
     box.send_keys("Kitap okumak")
     driver.find_element(By.ID, "send").click()
     _wait(driver, "const m = document.querySelectorAll('.msg.assistant'); return m.length === 2 && m[1].dataset.state === 'done'",
@@ -144,7 +147,7 @@ def test_page_shows_the_answer_denoising_live(driver, page, lm):
     history = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": expected},
                {"role": "user", "content": "Kitap okumak"}]
     assert second.get_attribute("textContent") == (
-        lm.generate(history, seed=7, max_new_tokens=48, steps=48, block_length=16)[0].text or "(empty answer)")
+        lm.generate(history, seed=8, max_new_tokens=48, steps=48, block_length=16)[0].text or EMPTY_ANSWER)
 
     # 5. phone width: one column, nothing wider than the screen, the composer usable
     driver.set_window_size(390, 844)
@@ -174,7 +177,42 @@ def test_page_shows_api_errors(driver, page):
     driver.find_element(By.ID, "send").click()
     _wait(driver, "return document.querySelector('.msg.assistant.error')", what="the error message")
     text = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .text").get_attribute("textContent")
-    assert "steps=100000" in text and "limit" in text
+    assert text.startswith("Geçersiz ayar (HTTP 422)") and "steps=100000" in text and "limit" in text
     assert driver.find_element(By.ID, "send").is_displayed()  # ready for the next try
     _set(driver, "steps", "")
     driver.execute_script("localStorage.clear()")
+
+
+def test_page_defaults_are_the_clis_and_it_speaks_turkish(driver, page, lm):
+    """With nothing set, the page shows the CLI's defaults and answers as `diffutron generate` /
+    `chat` do (seed 0); its text is Turkish."""
+    from selenium.webdriver.common.by import By
+
+    from diffutron.cli import build_parser
+
+    driver.set_window_size(1280, 900)
+    driver.get(page + "/")
+    driver.execute_script("localStorage.clear()")
+    driver.get(page + "/")
+    _wait(driver, "return document.getElementById('model').textContent === 'tiny'", what="the model name")
+    cli = build_parser().parse_args(["generate", "x"])
+    shown = driver.execute_script(
+        "const o = {}; for (const f of arguments[0]) o[f] = document.getElementById(f).placeholder; return o;",
+        ["max_tokens", "steps", "block_length", "temperature", "top_p", "repetition_penalty", "cfg_scale", "seed"])
+    assert {k: float(v) for k, v in shown.items()} == {
+        "max_tokens": cli.max_new_tokens, "steps": cli.steps, "block_length": cli.block_length,
+        "temperature": cli.temperature, "top_p": cli.top_p, "repetition_penalty": cli.repetition_penalty,
+        "cfg_scale": cli.cfg_scale, "seed": 0}
+    assert driver.find_element(By.ID, "remasking").get_attribute("value") == cli.remasking
+    assert driver.find_element(By.ID, "threshold").get_attribute("placeholder").startswith("kapalı")
+
+    driver.find_element(By.ID, "prompt").send_keys(PROMPT)
+    driver.find_element(By.ID, "send").click()
+    _wait(driver, "return document.querySelector('.msg.assistant').dataset.state === 'done'", what="the answer")
+    expected = lm.generate(PROMPT, seed=cli.seed)[0].text  # every setting the CLI's (the second turn: see above)
+    got = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .text").get_attribute("textContent")
+    assert got == (expected or EMPTY_ANSWER)
+    page_text = driver.execute_script("return document.body.innerText")
+    for english in ("New chat", "Settings", "Send", "Sampler", "tokens", "steps", "replay", "hit max", "ended"):
+        assert english not in page_text, english
+    assert "Yeni sohbet" in page_text and "adım" in page_text

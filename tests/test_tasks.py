@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from diffutron.cli import main
-from diffutron.data.tasks import (TASK_METRIC, TASKS, build_tasks, exact_match, load_tasks, normalize_answer,
-                                  prompt_of, references_of, score, token_f1)
+from diffutron.data.tasks import (CLOSED_BOOK, TASK_METRIC, TASKS, build_tasks, exact_match, load_tasks,
+                                  normalize_answer, prompt_of, references_of, score, token_f1)
 from diffutron.errors import DiffutronError
 from diffutron.text import tr_lower
 
 _SUBJECTS = ["Öğrenciler", "Çiftçiler", "Mühendisler", "Doktorlar", "Sanatçılar", "İşçiler", "Yazarlar"]
-_PLACES = ["kütüphanede", "tarlada", "şantiyede", "hastanede", "atölyede", "fabrikada", "evde"]
+_PLACES = ["kütüphanede", "Ankara'da", "şantiyede", "hastanede", "İzmir Fuarı'nda", "fabrikada", "evde"]
 _ACTIONS = ["uzun süre çalıştılar", "yeni bir proje başlattılar", "önemli bir karar aldılar",
             "toplantı düzenlediler", "sorunları tartıştılar"]
 
@@ -119,12 +119,17 @@ def test_held_out_splits_share_no_document_and_no_source_sentence(built):
     tasks_dir, stats = built
     rows = all_rows(tasks_dir)
     for stage in ("general", "specific"):
-        docs = {s: {r["doc"] for r in rows[(stage, s)]} for s in ("train", "validation", "test")}
+        # closed-book questions ask about corpus-train text: disjoint by sentence, not by document
+        docs = {s: {r["doc"] for r in rows[(stage, s)] if r["task"] not in CLOSED_BOOK}
+                for s in ("train", "validation", "test")}
         srcs = {s: {h for r in rows[(stage, s)] for h in r["sources"]} for s in ("train", "validation", "test")}
         for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
             assert not docs[a] & docs[b]
             assert not srcs[a] & srcs[b]
         assert all(d.split("/")[-1].startswith("train-") for d in docs["train"])
+    closed = [r for rs in rows.values() for r in rs if r["task"] in CLOSED_BOOK]
+    assert closed and all(r["doc"].split("/")[-1].startswith("train-") for r in closed)
+    assert {s for (_, s), rs in rows.items() for r in rs if r["task"] == "qa"} == {"train", "validation", "test"}
     # the sentence in both a train and a test document: train rows that use it are dropped
     assert any(SHARED in prompt_of(r) or SHARED == r["messages"][1]["content"] for r in rows[("general", "test")])
     for r in rows[("general", "train")]:
@@ -160,7 +165,37 @@ def test_answers_come_from_the_source(built):
             assert answer == expected and expected.replace("â", "a") in references_of(r)
         elif r["task"] == "analysis":
             assert re.fullmatch(r"\w+\+(Noun|Verb)\+.+", answer)
+        elif r["task"] == "complete":
+            prefix = prompt.split("\n\n", 1)[1].removesuffix(" …")
+            assert any(f"{prefix} {answer}" == sentence(i) for i in range(400)) or f"{prefix} {answer}" == SHARED
+        elif r["task"] == "qa":
+            question = prompt.removeprefix("Kısaca cevapla: ")
+            assert question.endswith("?") and answer in references_of(r) and answer not in question
+        elif r["task"] == "about":
+            topic = prompt.split(" hakkında ", 1)[0]
+            assert topic in answer and topic in ("Ankara", "İzmir Fuarı")
     assert seen == set(TASKS["general"]) | set(TASKS["specific"])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Kongre 1919 yılında Sivas'ta toplandı.",
+     {("Kongre 1919 yılında nerede toplandı?", "Sivas'ta", ("Sivas'ta", "Sivas")),
+      ("Kongre ne zaman Sivas'ta toplandı?", "1919 yılında", ("1919 yılında", "1919"))}),
+    ("İlk oyunculuk deneyimlerini Ankara Deneme Tiyatrosu'nda yaşadı.",
+     {("İlk oyunculuk deneyimlerini nerede yaşadı?", "Ankara Deneme Tiyatrosu'nda",
+       ("Ankara Deneme Tiyatrosu'nda", "Ankara Deneme Tiyatrosu"))}),
+    ("İzmir'den yola çıkan gemi sabah limana vardı.",  # a sentence-initial name: a capitalised question word
+     {("Nereden yola çıkan gemi sabah limana vardı?", "İzmir'den", ("İzmir'den", "İzmir"))}),
+    ("Toplantıya dün akşam 300 kişi katıldı.",
+     {("Toplantıya dün akşam kaç kişi katıldı?", "300", ("300", "300 kişi"))}),
+    ("Çocuklar 12 Eylül'de okula başladı ve mutlu oldular.", set()),  # a date is no place
+    ("Sonuç 5 ise işlem tamamlanır ve pencere kapanır.", set()),  # "ise" counts nothing
+    ("Ankara'da mı yaşıyorsun, yoksa başka bir yerde mi?", set()),  # already a question
+])
+def test_qa_questions_replace_the_phrase_they_ask_for(text, expected):
+    from diffutron.data.tasks import _qa_candidates
+
+    assert {(q, a, tuple(refs)) for q, a, refs in _qa_candidates(text)} == expected
 
 
 def test_build_is_deterministic_and_seeded(tmp_path):

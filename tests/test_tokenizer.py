@@ -180,7 +180,7 @@ def test_recipe_prepare_retrains_an_outdated_tokenizer_and_its_tasks(tmp_path, t
     monkeypatch.setattr(tasks_mod, "build_tasks", lambda corpus, out, **kw: built.append(out))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "stats.json").write_text("{}")
+    (tasks / "stats.json").write_text(json.dumps({"format": tasks_mod.TASKS_FORMAT}))
     where = {"corpus": str(root / "corpus"), "tasks": str(tasks), "tokenizer": str(tok_dir), "data": str(tmp_path)}
     logs = []
     prepare(PrepareConfig(vocab_size=8000), where, log=logs.append)
@@ -189,3 +189,6 @@ def test_recipe_prepare_retrains_an_outdated_tokenizer_and_its_tasks(tmp_path, t
     assert (tok_dir / "tokenizer.json").read_bytes() == (root / "tokenizer" / "tokenizer.json").read_bytes()
     prepare(PrepareConfig(vocab_size=8000), where, log=logs.append)
     assert built == [tasks] and len(logs) == 2  # nothing left to do
+    (tasks / "stats.json").write_text(json.dumps({"format": "diffutron-tasks/1"}))  # before complete, qa, about
+    prepare(PrepareConfig(vocab_size=8000), where, log=logs.append)
+    assert built == [tasks, tasks] and "older format" in logs[-1]

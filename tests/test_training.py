@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -316,6 +317,11 @@ def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(files
     # a half-written checkpoint is never picked up
     (out / "checkpoints" / "step-00000059").mkdir()  # no trainer_state.json: incomplete
     (out / "checkpoints" / ".tmp-step-00000058").mkdir()
+    (out / "checkpoints" / ".del-step-00000003").mkdir()  # a deletion killed between rename and delete
+    # a checkpoint that lost a file it lists (its weights: a kill or a bad copy) is not complete either
+    shutil.copytree(latest_checkpoint(out)[1], out / "checkpoints" / "step-00000057")
+    (out / "checkpoints" / "step-00000057" / "model.safetensors").unlink()
+    assert latest_checkpoint(out)[0] == killed_at
     # 3. without --resume the directory is refused; with it the run continues and finishes
     assert cli_main(["train", *args, "--output", str(out)]) == 2
     resumed = train(replace(config, output_dir=str(out)), resume=True)
@@ -328,6 +334,7 @@ def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(files
         return [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "elapsed_s")}
                 for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert lines(out) == lines(ref)
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith((".tmp-", ".del-"))]
 
 
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(files, tmp_path, capsys):

@@ -19,9 +19,17 @@ from .errors import DiffutronError
 
 # The Diffutron chat template (plain-text markers, content stripped). Written with Jinja string
 # expressions only, so whitespace control can never eat the newlines the checkpoints were trained on.
+# Edges, against the reference's template: a generation prompt after a conversation that already
+# ends with the assistant's answer adds nothing (as the reference); a system message after the first
+# message, which the reference drops without a word, and a role other than system / user /
+# assistant, which it skips, raise an error naming the message instead.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}"
+    "{%- if not loop.first -%}"
+    "{{ raise_exception('messages[' ~ loop.index0 ~ '] is a system message after the first message: the "
+    "Diffutron template has a system message only at the start; move it to the start or make it a user message') }}"
+    "{%- endif -%}"
     "{{ '[SYS]\\n' + (message['content'] | trim) + '\\n[/SYS]\\n\\n' }}"
     "{%- elif message['role'] == 'user' -%}"
     "{{ '[Question]\\n' + (message['content'] | trim) + '\\n[/Question]\\n\\n' }}"
@@ -31,7 +39,9 @@ CHAT_TEMPLATE = (
     "{{ raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '[Answer]\\n' }}{%- endif -%}"
+    "{%- if add_generation_prompt and (messages | length == 0 or messages[-1]['role'] != 'assistant') -%}"
+    "{{ '[Answer]\\n' }}"
+    "{%- endif -%}"
 )
 END_OF_TURN = "[/Answer]"
 ROLES = ("system", "user", "assistant")
@@ -52,9 +62,27 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise DiffutronError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    check_device(dev)
+    return dev
+
+
+def check_device(dev: torch.device) -> None:
+    """A device this torch can use, or a one-line error naming what is missing."""
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise DiffutronError(f"device {dev}: this torch ({torch.__version__}) has no CUDA support; use --device "
+                                 "cpu, or install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise DiffutronError(f"device {dev}: no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES?); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DiffutronError(f"device {dev}: only {torch.cuda.device_count()} CUDA GPU(s) here (cuda:0 to "
+                                 f"cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                    and torch.backends.mps.is_available()):
+        raise DiffutronError(f"device {dev}: Apple's MPS is not available here; use --device cpu")
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -184,6 +212,12 @@ def load_backbone(
         )
     except (OSError, ValueError) as err:
         raise _load_error(base, err) from None
+    except Exception as err:  # noqa: BLE001 - safetensors' own error type: a truncated or garbled file
+        if type(err).__name__ != "SafetensorError":
+            raise
+        where = path if local else base
+        raise DiffutronError(f"{where}: the model's safetensors weights are corrupt or truncated ({err}); copy or "
+                             "download them again") from None
     check_tokenizer(tokenizer, f"the tokenizer of {name_or_path}")
     install_chat_template(tokenizer)
     if adapter_dir is not None:

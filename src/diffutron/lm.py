@@ -181,7 +181,13 @@ class DiffusionLM:
 
     # ------------------------------------------------------------------------------ prompts
     def render(self, prompt: Prompt, *, chat: bool = True) -> str:
-        """The text the model sees: the chat template with a generation prompt, or the raw string."""
+        """The text the model sees: the chat template with a generation prompt, or the raw string.
+
+        Raises:
+            DiffutronError: no text, a message without role or content, an unknown role, and with
+                ``chat``: a system message after the first message, or a conversation that ends with
+                the assistant's answer (nothing to answer).
+        """
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise DiffutronError("empty prompt: give some text to answer")
@@ -202,6 +208,13 @@ class DiffusionLM:
             raise DiffutronError("empty prompt: the user message has no text")
         if not chat:
             return "\n\n".join(m["content"] for m in messages)
+        late = next((i for i, m in enumerate(messages) if m["role"] == "system" and i > 0), None)
+        if late is not None:  # the reference's template drops it silently
+            raise DiffutronError(f"messages[{late}] is a system message after the first message: the Diffutron "
+                                 "template has a system message only at the start; move it there or make it a "
+                                 "user message")
+        if messages[-1]["role"] == "assistant":  # the template adds no answer prompt after a finished answer
+            raise DiffutronError("the last message is the assistant's: nothing to answer; end with a user message")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def encode(self, text: str) -> list[int]:
@@ -338,7 +351,8 @@ class DiffusionLM:
             start = out.answer_start[r]
             row = out.sequences[r, start:].tolist()
             answer, _ = self.answer_ids(row, stop_sequences)
-            answer = [t for t in answer if t != self.pad_token_id]
+            special = set(self.tokenizer.all_special_ids)  # pad, CLS, SEP, ...: no text, not counted
+            answer = [t for t in answer if t != self.pad_token_id and t not in special]
             result.append(Completion(
                 text=self.decode(answer), finish_reason=out.finish_reasons[r], prompt_tokens=len(toks),
                 completion_tokens=len(answer), nfe=out.nfe, token_ids=answer,

@@ -144,3 +144,22 @@ def split_sentences(text: str) -> list[str]:
         if tail:
             sentences.append(tail)
     return sentences
+
+
+_TURKISH_ONLY = set("şğıİŞĞ")  # letters a Turkish text has and a Western European one lacks
+
+
+def undecodable(sample: bytes, path: str = "FILE") -> str:
+    """What bytes that are not UTF-8 look like, and how to convert them: UTF-16 (a byte-order
+    mark), binary data (NUL or many control bytes), Turkish in Windows-1254 / ISO-8859-9 (legacy
+    Turkish code pages: ş ğ ı İ decode there), or an unknown 8-bit code page."""
+    if sample.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return f"it is UTF-16 text: convert it with `iconv -f UTF-16 -t UTF-8 {path} > {path}.utf8`"
+    control = sum(b < 9 or 13 < b < 32 for b in sample)
+    if b"\x00" in sample or control > len(sample) // 20:
+        return "it holds binary data, not text: give a text file (.txt, .jsonl, .json) or .parquet"
+    text = sample.decode("cp1254", errors="replace")
+    if _TURKISH_ONLY & set(text):
+        return ("it looks like Turkish in Windows-1254 (or ISO-8859-9): convert it with "
+                f"`iconv -f CP1254 -t UTF-8 {path} > {path}.utf8`")
+    return f"it is in an 8-bit code page: convert it to UTF-8 (e.g. `iconv -f CP1252 -t UTF-8 {path} > {path}.utf8`)"

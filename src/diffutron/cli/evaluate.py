@@ -46,6 +46,9 @@ def register(sub) -> None:
     add_model_args(cet)
     cet.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma-separated (default all: {','.join(TASK_NAMES)})")
     cet.add_argument("--data-dir", default=None, help="read DIR/<task>/<split>.{jsonl,parquet,csv} instead of the hub")
+    cet.add_argument("--prepare", default=None, metavar="DIR",
+                     help="on a connected machine: write the tasks' splits from the hub to DIR in the --data-dir "
+                          "layout (to copy to an offline one), then exit; no model is loaded")
     cet.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
     cet.add_argument("--output", type=Path, default=None, help="results JSON (rewritten after every task)")
     cet.add_argument("--samples", type=Path, default=None, help="JSONL with every example's log-likelihoods")
@@ -93,6 +96,16 @@ def run_perplexity_cmd(args: argparse.Namespace) -> int:
 def run_cetvel_cmd(args: argparse.Namespace) -> int:
     from ..evaluation.runner import CetvelConfig, format_table, prepare_cetvel, run_cetvel
 
+    if args.prepare is not None:
+        from ..evaluation.tasks import TASKS, export_tasks
+
+        names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+        unknown = [n for n in names if n not in TASKS]
+        if unknown:
+            raise DiffutronError(f"--tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+        out = export_tasks([TASKS[n] for n in names], args.prepare, say=lambda m: print(m, file=sys.stderr))
+        print(f"wrote {out}: copy it to the offline machine and pass --data-dir {out}", file=sys.stderr)
+        return 0
     config = CetvelConfig(
         tasks=args.tasks, data_dir=args.data_dir, limit=args.limit, chat=args.chat, mc_samples=args.mc_samples,
         batch_size=args.batch_size, deterministic=not args.stochastic, seed=args.seed, scheme=args.scheme,

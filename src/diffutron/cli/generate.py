@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..backbone import FAST_MODES
 from ..errors import DiffutronError
-from ..sampling import CACHES, REMASKING, SamplerConfig
+from ..outputs import check_output_file
+from ..sampling import CACHES, REMASKING, RNGS, SamplerConfig
 from ._common import add_model_args, load_lm
 
 
@@ -29,6 +30,11 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, default=None, help="also commit every position at least this confident (e.g. 0.9)")
     g.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance (0 = off)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0: runs reproduce)")
+    g.add_argument("--rng", choices=RNGS, default=d.rng,
+                   help="keyed (default): each row draws from its own seeded stream, so a row decodes the same "
+                        "in any batch; reference: draw as the authors' generator does (one stream seeded with "
+                        "--seed, [batch, canvas, vocabulary] float64 uniforms per step), to reproduce a seeded "
+                        "run of it token for token on CPU; runs on the eager loop")
     g.add_argument("--no-stop", action="store_true", help="decode every block even after the answer ended")
     g.add_argument("--fast", action="store_true",
                    help="approximate but faster: bf16 weights on a GPU, int8 dynamic quantization on a CPU "
@@ -71,7 +77,7 @@ def sampler_config(args: argparse.Namespace) -> SamplerConfig:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, remasking=args.remasking, threshold=args.threshold,
         cfg_scale=args.cfg_scale, stop_at_eos=not args.no_stop, seed=args.seed,
-        cache=args.cache or "none", cache_refresh=args.cache_refresh,
+        cache=args.cache or "none", cache_refresh=args.cache_refresh, rng=args.rng,
     )
 
 
@@ -164,12 +170,17 @@ def run_generate(args) -> int:
     _check_utf8_argv(prompts)
     if args.batch_size < 1:
         raise DiffutronError("--batch-size must be >= 1")
+    if args.output is not None:
+        check_output_file(args.output)  # before the model loads and answers: not after
     lm = load_lm(args)
     config = fast_setup(args, lm, config)
     compile_setup(args, lm, batched=len(prompts) > 1)
     results = []
     for i in range(0, len(prompts), args.batch_size):
         chunk = prompts[i : i + args.batch_size]
+        if config.rng == "reference":  # one stream per batch, seeded with --seed, as one call of the reference
+            results.extend(lm.generate(chunk, config, chat=not args.raw))
+            continue
         seeds = tuple(config.row_seeds(len(prompts))[i : i + len(chunk)])
         results.extend(lm.generate(chunk, config.replace(seed=seeds), chat=not args.raw))
     compile_report(lm)
@@ -182,17 +193,23 @@ def run_generate(args) -> int:
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.output.with_name(args.output.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        tmp.replace(args.output)
+        try:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+            tmp.replace(args.output)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise DiffutronError(f"--output {args.output}: cannot write it ({err.strerror or err})") from None
     for r in records:
         if args.format == "json":
             print(json.dumps(r, ensure_ascii=False))
         elif args.output is None:
             print(r["text"])
             if not r["text"].strip():
-                print(f"diffutron: empty answer: the model ended its turn at once ({r['finish_reason']})",
-                      file=sys.stderr)
+                print(EMPTY_ANSWER, file=sys.stderr)
     return 0
+
+
+EMPTY_ANSWER = "diffutron: (empty answer: the model ended its turn at once)"  # generate's and chat's notice
 
 
 def run_chat(args) -> int:
@@ -218,10 +235,13 @@ def run_chat(args) -> int:
         messages.append({"role": "user", "content": line})
         width = shutil.get_terminal_size((100, 20)).columns
 
+        special = set(lm.tokenizer.all_special_ids) - {lm.mask_token_id}
+
         def show(step, canvas):
-            # The answer as it denoises: masked slots drawn as a shaded block.
+            # The answer as it denoises: masked slots drawn as a shaded block; special tokens (the
+            # end of turn, padding after it) are not text and not shown
             ids = canvas[0, start:].tolist()
-            text = " ".join("░" if t == lm.mask_token_id else lm.tokenizer.decode([t]) for t in ids)
+            text = " ".join("░" if t == lm.mask_token_id else lm.tokenizer.decode([t]) for t in ids if t not in special)
             sys.stdout.write("\r\033[K" + text.replace("\n", " ")[: width - 1])
             sys.stdout.flush()
 
@@ -235,6 +255,8 @@ def run_chat(args) -> int:
         if live:
             sys.stdout.write("\r\033[K")
         print(answer.text, flush=True)
+        if not answer.text.strip():
+            print(EMPTY_ANSWER, file=sys.stderr)
         messages.append({"role": "assistant", "content": answer.text})
         turn += 1
     return 0

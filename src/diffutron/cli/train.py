@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import DiffutronError
 
@@ -12,7 +13,8 @@ def register(sub) -> None:
         "train", help="train one stage (continual pre-training or instruction tuning, full or LoRA)",
         description="Train one stage. Settings come from --config (a stage YAML, see the README); "
                     "the flags below override it. Multi-GPU: launch with torchrun or accelerate launch.")
-    p.add_argument("--model", default=None, help="start model: directory, LoRA adapter directory or hub id")
+    p.add_argument("--model", default=None, help="start model: directory, LoRA adapter directory or hub id "
+                   "(default: the embedded tiny Turkish model)")
     p.add_argument("--data", default=None, help="training data: .txt/.jsonl/.json/.parquet files, a directory, "
                                                "or a hub dataset id")
     p.add_argument("--output", default=None, help="output directory (checkpoints, metrics, final model)")
@@ -50,10 +52,13 @@ def register(sub) -> None:
     run.add_argument("--quick", action="store_true", help="shrink every stage (a few steps, few rows) for a smoke "
                                                           "run, written to OUTPUT_DIR-quick")
     run.add_argument("--resume", action="store_true", help="continue an interrupted stage from its checkpoint")
+    run.add_argument("--variant", default=None, help="merge one of the recipe's variants into it (e.g. cpu); auto: "
+                                                      "the cpu variant where no CUDA device is present")
     run.set_defaults(func=run_recipe_cmd)
     check = rsub.add_parser("check", help="validate a recipe and print its stages without training")
     check.add_argument("path", help="recipe YAML file")
     check.add_argument("--quick", action="store_true", help="show the --quick version")
+    check.add_argument("--variant", default=None, help="show one of the recipe's variants (auto: by device)")
     check.set_defaults(func=check_recipe_cmd)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into a plain model checkpoint",
@@ -82,6 +87,11 @@ def run_train(args: argparse.Namespace) -> int:
         config = apply_overrides(TrainConfig(), overrides)
     if args.model is not None and config.init is not None:
         config = config.replace(init=None)
+    if config.model is None and config.init is None:  # as every command: the embedded model by default
+        from ..lm import default_model_path
+
+        config = config.replace(model=str(default_model_path()))
+        print(f"diffutron: no --model given: training the embedded model ({config.model})", file=sys.stderr)
     train(config, resume=args.resume)
     return 0
 
@@ -89,21 +99,28 @@ def run_train(args: argparse.Namespace) -> int:
 def run_recipe_cmd(args: argparse.Namespace) -> int:
     from ..training import run_recipe
 
-    run_recipe(args.path, quick=args.quick, resume=args.resume)
+    run_recipe(args.path, quick=args.quick, resume=args.resume, variant=args.variant)
     return 0
 
 
 def check_recipe_cmd(args: argparse.Namespace) -> int:
     from ..training import load_recipe
 
-    recipe = load_recipe(args.path, quick=args.quick)
-    print(f"recipe {recipe.name}: {len(recipe.stages)} stages, output {recipe.output_dir}")
+    recipe = load_recipe(args.path, quick=args.quick, variant=args.variant)
+    variant = f" (variant {recipe.variant})" if recipe.variant else ""
+    print(f"recipe {recipe.name}{variant}: {len(recipe.stages)} stages, output {recipe.output_dir}")
     for n, stage in enumerate(recipe.stages, 1):
         c = stage.config
         length = f"{c.max_steps} steps" if c.max_steps else f"{c.epochs:g} epochs"
-        lora = f" r={c.lora.r} alpha={c.lora.alpha:g}{' merged' if c.lora.merge else ''}" if c.method == "lora" else ""
+        r = c.lora.r if c.lora.r is not None else "auto"
+        alpha = f"{c.lora.alpha:g}" if c.lora.alpha is not None else "r"
+        lora = f" r={r} alpha={alpha}{' merged' if c.lora.merge else ''}" if c.method == "lora" else ""
         print(f"  {n}. {stage.name}: start {stage.start}; data {c.data.train} ({c.data.kind}, max_length "
               f"{c.data.max_length}); {c.method}{lora}; {length}, batch {c.batch_size}x{c.grad_accum}, lr {c.lr:g}")
+        if c.init is not None and isinstance(c.init.config, dict):
+            shape = {k: c.init.config[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size")
+                     if k in c.init.config}
+            print(f"     fresh model: {', '.join(f'{k} {v}' for k, v in shape.items())}")
     return 0
 
 

@@ -4,7 +4,9 @@ Row formats (``format: auto`` picks one per file from its first row):
 
 - ``alpaca``: ``{"instruction", "input", "output"}`` (LlamaTurk-Instruction-Set; its JSON file
   starts with a UTF-8 BOM, which is dropped). The user turn is ``instruction``, followed by
-  ``"\\n\\n" + input`` when ``input`` is not blank (the Diffutron reference).
+  ``"\\n\\n" + input`` when ``input`` is not blank (the Diffutron reference); instruction and
+  input are each stripped first, as the reference does (``alpaca_strip``; false joins them as
+  given, and the template strips only the turn as a whole).
 - ``instructurca``: ``{"Input", "Output"}`` (turkish-nlp-suite/InstrucTurca, ``data/train.jsonl``;
   field names as its rows spell them, capitalised): user = ``Input``, assistant = ``Output``.
 - ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``, the
@@ -15,8 +17,16 @@ plus the closing ``\\n[/Answer]\\n\\n``) is maskable; the prompt never is. A row
 leaves no room for an answer in ``max_length`` tokens is dropped and counted; a long answer is cut
 on the right (counted). Padding policy:
 
-- ``pad_as_target`` (reference): every row is padded to ``max_length``; the padding after the
-  answer is maskable, predicted as pad tokens and attended; ``pad_weight`` scales its loss terms.
+- ``longest_as_target`` (the reference: ``DataCollatorForSeq2Seq(padding=True,
+  label_pad_token_id=pad)`` without an attention mask): each batch is padded to its longest row;
+  the padding after a row's answer is maskable, predicted as the pad token (EOS when the tokenizer
+  has none) and attended, so a row's normaliser N_i (its maskable tokens) is the batch's longest
+  length less its prompt. The batch tensor is rounded up to a multiple of 16 columns; columns
+  past the longest row are neither target nor attended, which leaves every value as at the
+  longest row's width. As the reference, a prompt of exactly ``max_length`` tokens is kept (with
+  no answer); only longer ones are dropped. ``pad_weight`` scales the padding's loss terms.
+- ``pad_as_target``: every row is padded to ``max_length``; the padding after the answer is
+  maskable, predicted as pad tokens and attended; ``pad_weight`` scales its loss terms.
   With ``answer_window`` W, a row is instead its prompt plus exactly W answer positions (answer,
   closing marker, padding; longer answers are cut), the canvas the sampler decodes with
   ``max_new_tokens=W``; what lies beyond is neither target nor attended. Rows whose prompt plus
@@ -63,14 +73,19 @@ def detect_format(row: Row) -> str:
         '"messages" (chat), "instruction"+"output" (Alpaca) or "Input"+"Output" (InstrucTurca)')
 
 
-def to_messages(row: Row, fmt: str) -> list[dict]:
-    """The conversation of a row in ``fmt``; raises DiffutronError naming the row on a bad one."""
+def to_messages(row: Row, fmt: str, *, alpaca_strip: bool = True) -> list[dict]:
+    """The conversation of a row in ``fmt``; raises DiffutronError naming the row on a bad one.
+
+    ``alpaca_strip``: strip an Alpaca row's instruction and input each before joining them (the
+    reference); otherwise they are joined as given."""
     d = row.data
     if fmt == "alpaca":
         instruction, inp, output = d.get("instruction"), d.get("input") or "", d.get("output")
         _need_text(row, "instruction", instruction)
         _need_text(row, "output", output)
         _need_text(row, "input", inp, allow_empty=True)
+        if alpaca_strip:
+            instruction, inp = instruction.strip(), inp.strip()
         user = instruction + ("\n\n" + inp if inp.strip() else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
     if fmt == "instructurca":
@@ -90,6 +105,9 @@ def to_messages(row: Row, fmt: str) -> list[dict]:
                 raise DiffutronError(f'{row.where}: messages[{i}] needs "role" and "content"')
             if m["role"] not in ROLES:
                 raise DiffutronError(f"{row.where}: messages[{i}] has role {m['role']!r}; use system, user or assistant")
+            if m["role"] == "system" and i > 0:
+                raise DiffutronError(f"{row.where}: messages[{i}] is a system message after the first message; "
+                                     "the chat template has one only at the start")
             if not isinstance(m["content"], str):
                 raise DiffutronError(f"{row.where}: messages[{i}].content must be a string")
         if messages[-1]["role"] != "assistant":
@@ -156,8 +174,8 @@ class InstructDataset:
         return np.asarray(self.ids[self.offsets[i]: self.offsets[i + 1]]), int(self.answer_start[i])
 
     def widths(self) -> np.ndarray:
-        """[N] each row's width in a batch: prompt + answer_window, else its length (padding: exclude)
-        or max_length (pad_as_target without a window)."""
+        """[N] each row's width in a batch: prompt + answer_window, else its length (exclude,
+        longest_as_target) or max_length (pad_as_target without a window)."""
         if self.padding == "pad_as_target" and self.answer_window is None:
             return np.full(len(self), self.max_length)
         if self.answer_window is not None:
@@ -170,19 +188,23 @@ class InstructDataset:
         b = len(rows)
         lengths = torch.tensor([len(r) for r, _ in rows])[:, None]
         starts = torch.tensor([s for _, s in rows])[:, None]
+        longest = int(lengths.max()) if self.answer_window is None else int((starts + self.answer_window).max())
         if self.padding == "pad_as_target" and self.answer_window is None:
             width = self.max_length
         else:  # the longest row, rounded up to a multiple of 16: few distinct shapes, so the
             # allocator does not keep one set of buffers per width (RSS grew ~7 MB per new width)
-            longest = int(lengths.max()) if self.answer_window is None else int((starts + self.answer_window).max())
             width = min(self.max_length, -(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
         pos = torch.arange(width)[None, :]
         for k, (r, _) in enumerate(rows):
             ids[k, : len(r)] = torch.from_numpy(r.astype(np.int64))
-        if self.padding == "pad_as_target":
+        if self.padding in ("pad_as_target", "longest_as_target"):
             # [B, L]: answer, closing marker and the padding after it, up to the row's canvas end
-            end = width if self.answer_window is None else starts + self.answer_window
+            # (longest_as_target: the batch's longest row; the rounded-up columns after it are neither)
+            if self.padding == "longest_as_target":
+                end = longest
+            else:
+                end = width if self.answer_window is None else starts + self.answer_window
             maskable = (pos >= starts) & (pos < end)
             attention = (pos < end).expand(b, width).long()
             weight = None
@@ -247,7 +269,7 @@ def _conversations(spec: str, cfg, read: ReadReport, report: InstructReport, key
                 source = None
                 continue
         try:
-            out.append(to_messages(row, fmt))
+            out.append(to_messages(row, fmt, alpaca_strip=cfg.alpaca_strip))
             report.formats[fmt] = report.formats.get(fmt, 0) + 1
         except DiffutronError as err:
             read.bad(str(err), cfg.skip_bad_rows)
@@ -255,14 +277,15 @@ def _conversations(spec: str, cfg, read: ReadReport, report: InstructReport, key
 
 
 def _encode_all(tokenizer, conversations: Iterable[list[dict]], max_length: int, report: InstructReport,
-                answer_window: int | None = None):
+                answer_window: int | None = None, keep_full_prompts: bool = False):
     ids: list[np.ndarray] = []
     starts: list[int] = []
     conversations = list(conversations)
+    least = 0 if keep_full_prompts else 1  # longest_as_target keeps a prompt that fills max_length, as the reference
     for b in range(0, len(conversations), _ENCODE_BATCH):
         for prompt, answer in encode_conversations(tokenizer, conversations[b: b + _ENCODE_BATCH]):
             room = max_length - len(prompt) if answer_window is None else answer_window
-            if room <= 0 or len(prompt) + room > max_length:  # no room, or the canvas would not fit
+            if room < least or len(prompt) + room > max_length:  # no room, or the canvas would not fit
                 report.dropped_prompt_too_long += 1
                 continue
             if len(answer) > room:
@@ -332,8 +355,11 @@ def build_instruct(tokenizer, cfg) -> tuple[InstructDataset, InstructDataset | N
     report.rows, report.bad_rows, report.bad_examples = read.rows, read.bad_rows, list(read.bad_examples)
 
     kwargs = dataset_kwargs(cfg, tokenizer)
-    train = InstructDataset(*_encode_all(tokenizer, train_convs, cfg.max_length, report, cfg.answer_window), **kwargs)
-    held = InstructDataset(*_encode_all(tokenizer, held_convs, cfg.max_length, report, cfg.answer_window), **kwargs)
+    keep = cfg.padding == "longest_as_target"
+    train = InstructDataset(*_encode_all(tokenizer, train_convs, cfg.max_length, report, cfg.answer_window, keep),
+                            **kwargs)
+    held = InstructDataset(*_encode_all(tokenizer, held_convs, cfg.max_length, report, cfg.answer_window, keep),
+                           **kwargs)
     report.examples, report.heldout_examples = len(train), len(held)
     report.tokens = int(train.offsets[-1])
     if len(train) == 0:

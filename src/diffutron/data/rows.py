@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from ..errors import DiffutronError
+from ..text import undecodable
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 HF_FILE_PREFIX = "hf://datasets/"
@@ -186,6 +187,8 @@ def iter_rows(
             report.rows += 1
             row.source = str(path)
             yield row
+        if n == 0 and report.bad_examples:
+            raise DiffutronError(f"{path}: no row could be read; the first: {report.bad_examples[0]}")
         if n == 0:
             raise DiffutronError(f"{path} is empty: it holds no rows")
 
@@ -207,16 +210,59 @@ def _file_rows(path: Path, *, sample_by: str, report: ReadReport, skip: bool) ->
         yield from _text_rows(path, sample_by=sample_by, report=report, skip=skip)
 
 
-def _lines(path: Path, *, report: ReadReport, skip: bool) -> Iterator[tuple[int, str]]:
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+LINE_CHUNK = 1 << 20  # text lines are read in pieces of at most this many bytes (1 MiB)
+BAR_BYTES = 64 << 20  # files at least this large show a progress bar while they are read
+
+
+def _lines(path: Path, *, report: ReadReport, skip: bool, split_long: bool = False) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 file, read in bounded pieces: with ``split_long`` a line
+    longer than ``LINE_CHUNK`` bytes comes out as several (cut at its last space, else between two
+    characters), so that a 12 MB one-line file is many rows, not one; without it the pieces are
+    joined (a JSON line must be whole)."""
+    from tqdm import tqdm
+
+    size = path.stat().st_size
+    described = False
+
+    def decoded(lineno: int, raw: bytes) -> Iterator[tuple[int, str]]:
+        nonlocal described
+        try:
+            yield lineno, raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as err:
+            what = ""
+            if not described:  # the first bad line says what the file looks like
+                with open(path, "rb") as head:
+                    what = f": {undecodable(head.read(1 << 16), str(path))}"
+                described = True
+            report.bad(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                       f"{what}", skip)
+
+    with open(path, "rb") as fh, tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {path.name}",
+                                      disable=size < BAR_BYTES, leave=False) as bar:
+        lineno, carry = 1, b""
+        while piece := fh.readline(LINE_CHUNK):
+            bar.update(len(piece))
+            raw = carry + piece
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
-            try:
-                yield lineno, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                report.bad(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}): "
-                           "re-encode the file as UTF-8", skip)
+            if raw.endswith(b"\n"):
+                yield from decoded(lineno, raw)
+                lineno, carry = lineno + 1, b""
+            elif not split_long:
+                carry = raw
+            else:
+                cut = raw.rfind(b" ")
+                if cut > 0:  # the space itself is dropped
+                    yield from decoded(lineno, raw[:cut])
+                    carry = raw[cut + 1 :]
+                    continue
+                cut = len(raw) - 1  # no space: cut before the last character's first byte
+                while cut > 0 and raw[cut] & 0xC0 == 0x80:
+                    cut -= 1
+                yield from decoded(lineno, raw[:cut])
+                carry = raw[cut:]
+        if carry:
+            yield from decoded(lineno, carry)
 
 
 def _parse_object(text: str, where: str, *, report: ReadReport, skip: bool) -> Row | None:
@@ -285,7 +331,7 @@ def _text_rows(path: Path, *, sample_by: str, report: ReadReport, skip: bool) ->
         return
     para: list[str] = []
     start = 0
-    for lineno, line in _lines(path, report=report, skip=skip):
+    for lineno, line in _lines(path, report=report, skip=skip, split_long=True):
         if sample_by == "line":
             if line.strip():
                 yield Row({"text": line}, f"{path}:{lineno}")

@@ -7,11 +7,15 @@ Templates are ours, data are the corpus's. Every row is chat JSONL::
      "references": ["...", ...],          # only when several answers are right
      "doc": "<corpus document id>", "sources": ["<hash of each source sentence>", ...]}
 
-Stage 1, ``general`` (a mix of four families):
+Stage 1, ``general`` (a mix of seven families):
     continue     next sentence of a news/help/manual text            primary metric: f1
+    complete     the rest of a sentence given its first words         f1
     fill_blank   the word hidden as ``___`` in a sentence             exact_match
     summarize    the most central sentence of a news passage          f1
     translate    Turkish for an English headword (FreeDict)           exact_match (any sense-1 gloss)
+    qa           a short factual question on a sentence of the        exact_match (the phrase or its bare
+                 corpus's training text: where / when / how many      name / number)
+    about        a sentence about a name or word of the text          f1
 Stage 2, ``specific`` (Turkish morphology, from the Turkish Web Treebank):
     lemma        the lemma of a word in its sentence                  exact_match
     case         the grammatical case of a noun ("yönelme hâli")      exact_match
@@ -21,6 +25,10 @@ Splits follow the corpus: rows of ``train`` come only from corpus-train document
 so on, so a model trained on corpus-train text never saw a held-out task's source. On top
 of that, no source sentence (headword, for ``translate``) of a held-out row appears in any
 row of an earlier split: such training rows are dropped and counted in ``stats.json``.
+The one exception is ``qa`` (``CLOSED_BOOK``): its questions ask for facts of the corpus's
+*training* text, which the model read in pre-training, so all its rows come from corpus-train
+documents and its splits are made by sentence (a held-out question's sentence is in no
+instruction row of an earlier split, of any family).
 
 ``score`` is the one metric function: the training recipe and the evaluation import it.
 """
@@ -38,7 +46,7 @@ from typing import Iterable, Mapping, Sequence
 
 from ..backbone import CHAT_TEMPLATE
 from ..errors import DiffutronError
-from ..text import count_words, split_sentences, tr_casefold, tr_lower, words
+from ..text import count_words, split_sentences, tr_capitalize, tr_casefold, tr_lower, words
 from .corpus import SPLITS, atomic_output_dir, default_corpus_dir, iter_corpus, load_annotations
 from .sources import cache_root
 
@@ -47,6 +55,7 @@ __all__ = [
     "TASKS",
     "TASK_METRIC",
     "TASKS_FORMAT",
+    "CLOSED_BOOK",
     "default_tasks_dir",
     "build_tasks",
     "load_tasks",
@@ -58,16 +67,24 @@ __all__ = [
     "score",
 ]
 
-TASKS_FORMAT = "diffutron-tasks/1"
+# /2: the families complete, qa and about (a recipe rebuilds tasks of another format)
+TASKS_FORMAT = "diffutron-tasks/2"
 STAGES = ("general", "specific")
-TASKS = {"general": ("continue", "fill_blank", "summarize", "translate"),
+TASKS = {"general": ("continue", "complete", "fill_blank", "summarize", "translate", "qa", "about"),
          "specific": ("lemma", "case", "analysis")}
-TASK_METRIC = {"continue": "f1", "fill_blank": "exact_match", "summarize": "f1", "translate": "exact_match",
+TASK_METRIC = {"continue": "f1", "complete": "f1", "fill_blank": "exact_match", "summarize": "f1",
+               "translate": "exact_match", "qa": "exact_match", "about": "f1",
                "lemma": "exact_match", "case": "exact_match", "analysis": "f1"}
+# families whose held-out rows ask about corpus-train text (split by sentence, not by document)
+CLOSED_BOOK = ("qa",)
 
 _TEMPLATES = {
     "continue": ["Aşağıdaki metni bir cümleyle devam ettir.\n\n{context}",
                  "Metnin devamında gelecek cümleyi yaz:\n\n{context}"],
+    "complete": ["Cümleyi tamamla:\n\n{prefix} …",
+                 "Aşağıdaki cümlenin devamını yaz.\n\n{prefix} …"],
+    "qa": ["{question}", "Kısaca cevapla: {question}"],
+    "about": ["{topic} hakkında bir cümle yaz.", "{topic} hakkında kısa bir bilgi ver."],
     "fill_blank": ["Cümledeki boşluğa (___) gelmesi gereken kelimeyi yaz.\n\n{sentence}",
                    "Boşluğu dolduran kelime nedir?\n\n{sentence}"],
     "summarize": ["Aşağıdaki haber metnini en iyi özetleyen cümleyi metinden aynen seç.\n\n{text}",
@@ -260,6 +277,114 @@ def _fill_blank_rows(doc: dict, sentences: list[str], seed: int, per_doc: int) -
     return rows
 
 
+def _complete_rows(doc: dict, sentences: list[str], seed: int, per_doc: int) -> list[dict]:
+    """The first 40-60% of a sentence's words; the answer is the rest of it."""
+    rng = _rng(seed, "complete", doc["id"])
+    usable = [s for s in sentences if _good_sentence(s, 8, 35)]
+    rows = []
+    for sentence in rng.sample(usable, min(per_doc, len(usable))):
+        tokens = sentence.split()
+        cut = rng.randint(max(3, round(len(tokens) * 0.4)), max(3, round(len(tokens) * 0.6)))
+        prefix, rest = " ".join(tokens[:cut]), " ".join(tokens[cut:])
+        if count_words(rest) < 3 or count_words(prefix) < 3:
+            continue
+        user = rng.choice(_TEMPLATES["complete"]).format(prefix=prefix)
+        rows.append(_row("complete", user, rest, doc["id"], [sentence]))
+    return rows
+
+
+_MONTHS = "Ocak Şubat Mart Nisan Mayıs Haziran Temmuz Ağustos Eylül Ekim Kasım Aralık"
+_DAYS = "Pazartesi Salı Çarşamba Perşembe Cuma Cumartesi Pazar"
+_TIME_NAMES = frozenset(tr_lower(w) for w in (_MONTHS + " " + _DAYS).split())
+_UPPER = "A-ZÇĞİÖŞÜÂÎÛ"
+# a capitalised name with a case suffix after its apostrophe: locative, ablative, dative
+_NAME_CASE = re.compile(rf"^([{_UPPER}][^\W\d_]*)['’]([^\W\d_]+)$")
+_WHERE = ((re.compile(r"^n?[dt][ae]$"), "nerede"), (re.compile(r"^n?[dt][ae]n$"), "nereden"),
+          (re.compile(r"^(?:y?[ae]|n[ae])$"), "nereye"))
+_WHEN = re.compile(rf"(?:(?:\d{{1,2}} )?(?:{'|'.join(_MONTHS.split())}) )?(1[5-9]\d\d|20[0-4]\d)"
+                   r"(?:['’](?:de|da|te|ta)\b| yılında\b| tarihinde\b)")
+_HOW_MANY = re.compile(r"(?<![\d.,:/%'’\w])(\d{1,4}) ([a-zçğıöşü]{3,})\b")
+
+
+def _question(sentence: str, start: int, end: int, wh: str) -> str:
+    """``sentence`` with ``[start, end)`` replaced by the question word, ending in a question mark."""
+    head = sentence[:start]
+    q = head + (tr_capitalize(wh) if not head.strip() else wh) + sentence[end:]
+    return q.rstrip().rstrip(".!…").rstrip() + "?"
+
+
+def _names(sentence: str) -> list[tuple[int, int, str, str]]:
+    """Capitalised names with a suffix after an apostrophe (``"Ankara Deneme Tiyatrosu'nda"``):
+    ``(start, end, name, suffix)``. A name takes up to two capitalised words before it, never the
+    sentence's first word (capitalised anyway); months and days are not names."""
+    out = []
+    tokens = list(re.finditer(r"\S+", sentence))
+    for i, m in enumerate(tokens):
+        word = m.group().rstrip(".,;:!?\"”’)…")
+        match = _NAME_CASE.match(word)
+        if not match or tr_lower(match.group(1)) in _TIME_NAMES:
+            continue
+        j = i
+        while j > 1 and j > i - 3 and re.match(rf"^[{_UPPER}][^\W\d_]+$", tokens[j - 1].group()):
+            j -= 1
+        start, end = tokens[j].start(), m.start() + len(word)
+        out.append((start, end, sentence[start : end - len(match.group(2)) - 1], match.group(2)))
+    return out
+
+
+# words that follow a number without being what it counts
+_NOT_COUNTED = frozenset("ise ve ile veya ya da de ki gibi için olarak olan kadar ila ile ya da den dan "
+                         "ya yani yahut hem ama fakat sonra önce".split())
+
+
+def _qa_candidates(sentence: str) -> list[tuple[str, str, list[str]]]:
+    """``(question, answer, references)`` for every where / when / how-many phrase of a sentence."""
+    if not _good_sentence(sentence, 5, 25) or sentence.rstrip().endswith("?") or "=" in sentence:
+        return []
+    out = []
+    for start, end, name, suffix in _names(sentence):
+        wh = next((w for pattern, w in _WHERE if pattern.match(suffix)), None)
+        if wh is not None:
+            out.append((_question(sentence, start, end, wh), sentence[start:end], [sentence[start:end], name]))
+    for m in _WHEN.finditer(sentence):
+        out.append((_question(sentence, m.start(), m.end(), "ne zaman"), m.group(), [m.group(), m.group(1)]))
+    for m in _HOW_MANY.finditer(sentence):
+        number, noun = m.group(1), m.group(2)
+        if tr_lower(noun) in _TIME_NAMES or noun in _NOT_COUNTED or noun.startswith("yıl") and len(number) == 4:
+            continue
+        out.append((_question(sentence, m.start(1), m.end(1), "kaç"), number, [number, f"{number} {noun}"]))
+    return out
+
+
+def _qa_rows(doc: dict, sentences: list[str], seed: int) -> list[dict]:
+    """At most one question per sentence (where / when / how many), answer the phrase it replaces."""
+    rng = _rng(seed, "qa", doc["id"])
+    rows = []
+    for sentence in sentences:
+        cands = _qa_candidates(sentence)
+        if not cands:
+            continue
+        question, answer, refs = rng.choice(cands)
+        user = rng.choice(_TEMPLATES["qa"]).format(question=question)
+        rows.append(_row("qa", user, answer, doc["id"], [sentence], references=refs))
+    return rows
+
+
+def _about_rows(doc: dict, sentences: list[str], seed: int, per_doc: int) -> list[dict]:
+    """A name of a sentence (see ``_names``; suffix cut) -> the sentence."""
+    rng = _rng(seed, "about", doc["id"])
+    usable = []
+    for sentence in sentences:
+        names = sorted({name for _, _, name, _ in _names(sentence)})
+        if names and _good_sentence(sentence, 6, 30):
+            usable.append((sentence, names))
+    rows = []
+    for sentence, names in rng.sample(usable, min(per_doc, len(usable))):
+        user = rng.choice(_TEMPLATES["about"]).format(topic=rng.choice(names))
+        rows.append(_row("about", user, sentence, doc["id"], [sentence]))
+    return rows
+
+
 def _central(sentences: list[str]) -> int:
     """Index of the sentence with the highest summed cosine similarity to the others."""
     bags = [Counter(w for w in words(tr_casefold(s)) if len(w) > 2) for s in sentences]
@@ -368,11 +493,29 @@ def _split_rows(docs: Iterable[dict], annotations: Mapping[str, dict], seed: int
             continue
         sentences = _doc_sentences(doc, annotations)
         rows["fill_blank"] += _fill_blank_rows(doc, sentences, seed, per_doc)
+        rows["complete"] += _complete_rows(doc, sentences, seed, per_doc)
+        rows["about"] += _about_rows(doc, sentences, seed, per_doc)
         if domain in ("news", "help", "manual"):  # running text (treebank sentences are samples)
             rows["continue"] += _continue_rows(doc, sentences, seed, per_doc, max_context_chars)
         if domain == "news":
             rows["summarize"] += _summarize_rows(doc, sentences, seed, max_context_chars)
     return rows
+
+
+def _closed_book_rows(train_docs: Iterable[dict], annotations: Mapping[str, dict], seed: int,
+                      heldout_fraction: float) -> dict[str, list[dict]]:
+    """``qa`` rows of every split, all from corpus-train documents, split by source sentence:
+    about ``heldout_fraction`` of the sentences each for validation and for test."""
+    out: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for doc in train_docs:
+        if doc["domain"] in ("ui", "dictionary"):
+            continue
+        for row in _qa_rows(doc, _doc_sentences(doc, annotations), seed):
+            bucket = int(hashlib.sha256(f"{seed}:qa-split:{row['sources'][0]}".encode()).hexdigest(), 16) % 1000
+            split = "test" if bucket < heldout_fraction * 1000 else (
+                "validation" if bucket < 2 * heldout_fraction * 1000 else "train")
+            out[split].append(row)
+    return out
 
 
 def _cap(rows: list[dict], limit: int, seed: int, task: str) -> list[dict]:
@@ -390,7 +533,8 @@ def _too_long(rows: list[dict], tokenizer, max_tokens: int) -> list[bool]:
 
 def build_tasks(corpus_dir: str | Path | None = None, out_dir: str | Path | None = None, *, seed: int = 0,
                 max_train_per_task: int = 4000, max_heldout_per_task: int = 400, per_doc: int = 3,
-                max_context_chars: int = 600, tokenizer=None, max_tokens: int = 256) -> dict:
+                max_context_chars: int = 600, tokenizer=None, max_tokens: int = 256,
+                closed_book_heldout: float = 0.1) -> dict:
     """Write the two instruction sets from a built corpus; returns ``stats.json`` content.
 
     Layout (replaced atomically)::
@@ -409,6 +553,8 @@ def build_tasks(corpus_dir: str | Path | None = None, out_dir: str | Path | None
             prompt plus answer fit a 256-token model (all but ~0.1% of rows with the corpus tokenizer).
         tokenizer, max_tokens: with a tokenizer, rows longer than ``max_tokens`` once rendered
             with the Diffutron chat template (special tokens included) are left out and counted.
+        closed_book_heldout: share of the ``qa`` source sentences (of corpus-train documents)
+            whose questions go to validation, and the same share to test.
 
     Raises:
         DiffutronError: no corpus at ``corpus_dir``, or it yields no rows at all.
@@ -420,6 +566,9 @@ def build_tasks(corpus_dir: str | Path | None = None, out_dir: str | Path | None
 
     by_split = {split: _split_rows(iter_corpus(split, corpus_root), annotations, seed, per_doc, max_context_chars)
                 for split in SPLITS}
+    for split, rows in _closed_book_rows(iter_corpus("train", corpus_root), annotations, seed,
+                                         closed_book_heldout).items():
+        by_split[split]["qa"] = rows
     too_long: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
     if tokenizer is not None:
         for split, tasks in by_split.items():
@@ -448,7 +597,7 @@ def build_tasks(corpus_dir: str | Path | None = None, out_dir: str | Path | None
         raise DiffutronError(f"the corpus at {corpus_root} yields no task rows; rebuild it with `diffutron corpus build`")
 
     stats = {"format": TASKS_FORMAT, "corpus": str(corpus_root), "corpus_fingerprint": corpus_stats.get("fingerprint"),
-             "seed": seed, "metrics": TASK_METRIC, "dropped_for_overlap": dropped,
+             "seed": seed, "metrics": TASK_METRIC, "closed_book": list(CLOSED_BOOK), "dropped_for_overlap": dropped,
              "dropped_too_long": too_long if tokenizer is not None else None, "max_tokens": max_tokens if tokenizer else None,
              "rows": {stage: {split: {t: len(final[split][t]) for t in TASKS[stage]} for split in SPLITS}
                       for stage in STAGES}}

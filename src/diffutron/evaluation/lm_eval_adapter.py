@@ -14,20 +14,30 @@ The three calls of lm-eval's contract:
   continuations, ELBO otherwise; ``is_greedy`` from greedy decoding of the masked answer).
 - ``loglikelihood_rolling``: the ELBO bound of the whole text, cut into disjoint windows of
   the model's context (each window scored on its own, special tokens around it).
-- ``generate_until``: ``DiffusionLM`` sampling with the request's ``until`` strings (also
-  stopping at token level) and ``max_gen_toks``; ``do_sample=False`` means temperature 0.
+- ``generate_until``: ``DiffusionLM`` sampling with the model's default settings (the paper's:
+  block 32, temperature 0.1, repetition penalty 1.2, one token per step), the request's ``until``
+  strings (also stopping at token level) and ``max_gen_toks``; ``do_sample=False`` means
+  temperature 0, a ``temperature`` in the request sets it.
 
 Model arguments (``--model_args k=v,...``): ``pretrained`` (directory or hub id), ``device``,
 ``dtype``, ``mc_samples`` (64), ``deterministic`` (true), ``seed`` (0), ``check_greedy`` (true),
-``steps`` (default: one token per step), ``block_length`` (32), ``temperature`` (0),
-``repetition_penalty`` (1.0), ``max_gen_toks`` (256), ``trust_remote_code``. lm-eval's
-``--batch_size`` is the number of rows per forward pass (use 32; its default 1 is slow).
+``trust_remote_code``; for generation ``max_gen_toks`` (when the request gives none; default the
+model's ``max_new_tokens``, 64), ``steps`` (default: the model's steps per token, one), and any
+other sampler setting (``block_length``, ``temperature``, ``repetition_penalty``, ``remasking``,
+``cfg_scale``, ``threshold``, ``top_k``, ``top_p``, ``cache``, ``cache_refresh``, ``rng``) over the
+model's defaults. The reference adapter's names are accepted too: ``max_new_tokens`` (=
+``max_gen_toks``), ``cfg`` (= ``cfg_scale``), ``mc_num`` (= ``mc_samples``), ``is_check_greedy``
+(= ``check_greedy``). lm-eval's ``--batch_size`` is the number of rows per forward pass (use 32;
+its default 1 is slow). Where this adapter differs from the reference's (dLLM's ``bert`` model):
+README, "lm-eval adapter".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +55,10 @@ from ..sampling import SamplerConfig
 logger = logging.getLogger(__name__)
 
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature"}
+# sampler settings model_args may set over the model's defaults (max_new_tokens and steps: see sampler_config)
+_SAMPLER_KEYS = {f.name for f in dataclasses.fields(SamplerConfig)} - {"max_new_tokens", "steps", "seed"}
+_ALIASES = {"max_new_tokens": "max_gen_toks", "cfg": "cfg_scale", "mc_num": "mc_samples",
+            "is_check_greedy": "check_greedy"}  # the reference adapter's names -> ours
 
 
 @register_model("diffutron")
@@ -66,17 +80,21 @@ class DiffutronLMEval(LM):
         seed: int = 0,
         check_greedy: bool = True,
         steps: int | None = None,
-        block_length: int = 32,
-        temperature: float = 0.0,
-        repetition_penalty: float = 1.0,
-        max_gen_toks: int = 256,
+        max_gen_toks: int | None = None,
         trust_remote_code: bool = False,
         chat: bool | None = None,
-        **unused,
+        **more,
     ) -> None:
         super().__init__()
-        if unused:
-            logger.warning("diffutron: ignoring model arguments %s", ", ".join(sorted(unused)))
+        for alias, name in _ALIASES.items():  # the reference adapter's argument names
+            if alias in more:
+                more.setdefault(name, more.pop(alias))
+        mc_samples = more.pop("mc_samples", mc_samples)
+        check_greedy = more.pop("check_greedy", check_greedy)
+        max_gen_toks = more.pop("max_gen_toks", max_gen_toks)
+        sampler = {k: more.pop(k) for k in list(more) if k in _SAMPLER_KEYS}
+        if more:
+            logger.warning("diffutron: ignoring model arguments %s", ", ".join(sorted(more)))
         if lm is None:
             from ..lm import DiffusionLM
 
@@ -94,11 +112,11 @@ class DiffutronLMEval(LM):
         self.deterministic = bool(deterministic)
         self.seed = int(seed)
         self.check_greedy = bool(check_greedy)
-        self.steps = steps
-        self.block_length = int(block_length)
-        self.temperature = float(temperature)
-        self.repetition_penalty = float(repetition_penalty)
-        self.max_gen_toks = int(max_gen_toks)
+        # generation: the model's defaults (the paper's), model_args over them, checked now
+        self.sampler = lm.defaults.replace(seed=self.seed, **sampler)
+        self.steps = None if steps is None else int(steps)
+        self.steps_per_token = lm.defaults.steps / lm.defaults.max_new_tokens if lm.defaults.max_new_tokens else 1.0
+        self.max_gen_toks = int(max_gen_toks) if max_gen_toks is not None else lm.defaults.max_new_tokens
 
     # ------------------------------------------------------------------------------ lm-eval API
     @property
@@ -113,8 +131,11 @@ class DiffutronLMEval(LM):
         return getattr(self.lm.tokenizer, "chat_template", None) if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The chat template; without a generation prompt (lm-eval's ``gen_prefix``) the text ends
+        inside the final message, which the answer continues (as the reference adapter does)."""
         return self.lm.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                     add_generation_prompt=add_generation_prompt)
+                                                     add_generation_prompt=add_generation_prompt,
+                                                     continue_final_message=not add_generation_prompt)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [tuple(req.args) for req in requests]
@@ -173,19 +194,9 @@ class DiffutronLMEval(LM):
     def _generate(self, contexts: Sequence[str], kwargs: dict) -> list[str]:
         lm = self.lm
         until = kwargs.get("until") or []
-        max_new = int(kwargs.get("max_gen_toks") or self.max_gen_toks)
+        config = self.sampler_config(kwargs)
+        max_new = config.max_new_tokens
         ctx = lm.context_length
-        if max_new >= ctx:
-            max_new = ctx - 1
-        temperature = self.temperature
-        if kwargs.get("do_sample") is False:
-            temperature = 0.0
-        elif kwargs.get("temperature") is not None:
-            temperature = float(kwargs["temperature"])
-        config = SamplerConfig(
-            max_new_tokens=max_new, steps=int(self.steps or max_new), block_length=min(self.block_length, max_new),
-            temperature=temperature, repetition_penalty=self.repetition_penalty, seed=self.seed,
-        )
         # the prompt's tokens, cut from the left so that prompt + answer fit the context
         token_lists = [lm.encode(c)[-(ctx - max_new):] if c else [] for c in contexts]
         token_lists = [t if t else [lm.eos_token_id or lm.pad_token_id] for t in token_lists]
@@ -193,6 +204,20 @@ class DiffutronLMEval(LM):
         result = lm.generate_ids(token_lists, config, stop_sequences=stops)
         texts = [c.text for c in lm.completions(result, token_lists, stops)]
         return [_cut(t, until) for t in texts]
+
+    def sampler_config(self, gen_kwargs: dict) -> SamplerConfig:
+        """The settings one request decodes with: the model's defaults and model_args, the
+        request's ``max_gen_toks`` (else model_args', else the model's ``max_new_tokens``, at most
+        the context less one), ``steps`` from model_args or the model's steps per token, and
+        ``do_sample=False`` (temperature 0) or the request's ``temperature``."""
+        max_new = min(int(gen_kwargs.get("max_gen_toks") or self.max_gen_toks), self.lm.context_length - 1)
+        steps = self.steps or max(1, math.ceil(max_new * self.steps_per_token))
+        temperature = self.sampler.temperature
+        if gen_kwargs.get("do_sample") is False:
+            temperature = 0.0
+        elif gen_kwargs.get("temperature") is not None:
+            temperature = float(gen_kwargs["temperature"])
+        return self.sampler.replace(max_new_tokens=max_new, steps=steps, temperature=temperature)
 
 
 def _device(device: str | None) -> str:

@@ -2,9 +2,10 @@
 
 - acc: argmax of the summed log-likelihoods is the gold index (first of equals wins).
 - acc_norm: the same after dividing each log-likelihood by its choice's length in characters.
-- f1: F1 of (gold, predicted) indices with the positive class 1 (scikit-learn's binary F1).
-- macro_f1: unweighted mean of the per-class F1 over the classes seen in gold or predictions
-  (scikit-learn's ``f1_score(average="macro")``).
+- f1: F1 of (gold, predicted) indices, named ``f1`` as in CETVEL whichever the average, which
+  each task states (``f1_average``): ``binary``, the F1 of the positive class 1 (scikit-learn's
+  ``f1_score``; ironytr), or ``macro``, the unweighted mean of the per-class F1 over the classes
+  seen in gold or predictions (scikit-learn's ``f1_score(average="macro")``; news_cat).
 
 Standard errors: sqrt(sample variance / n) for accuracies (lm-eval's ``mean_stderr``), a
 seeded bootstrap for the F1 scores.
@@ -16,7 +17,8 @@ import math
 import random
 from collections.abc import Sequence
 
-METRICS = ("acc", "acc_norm", "f1", "macro_f1")
+METRICS = ("acc", "acc_norm", "f1")
+F1_AVERAGES = ("binary", "macro")
 BOOTSTRAP_ITERS = 1000
 
 
@@ -79,16 +81,20 @@ def bootstrap_stderr(fn, golds: Sequence[int], preds: Sequence[int], *, iters: i
 
 
 def score_task(
-    lls: Sequence[Sequence[float]], choices: Sequence[Sequence[str]], golds: Sequence[int], metrics: Sequence[str]
+    lls: Sequence[Sequence[float]], choices: Sequence[Sequence[str]], golds: Sequence[int], metrics: Sequence[str],
+    *, f1_average: str = "binary",
 ) -> dict[str, dict[str, float]]:
     """Metrics of a task from each example's choice log-likelihoods.
 
     Returns ``{metric: {"value": ..., "stderr": ...}}`` for the requested metrics (fractions in
-    [0, 1]). An example whose gold index is not a valid choice counts as wrong.
+    [0, 1]); ``f1`` is binary (class 1 positive) or macro as ``f1_average`` says. An example whose
+    gold index is not a valid choice counts as wrong.
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metrics {unknown}: choose from {', '.join(METRICS)}")
+    if f1_average not in F1_AVERAGES:
+        raise ValueError(f"unknown f1_average {f1_average!r}: choose from {', '.join(F1_AVERAGES)}")
     preds, preds_norm = [], []
     for ll, ch in zip(lls, choices):
         p, pn = predictions(ll, ch)
@@ -102,7 +108,6 @@ def score_task(
         v, se = mean_and_stderr([float(p == g) for p, g in zip(preds_norm, golds)])
         out["acc_norm"] = {"value": v, "stderr": se}
     if "f1" in metrics:
-        out["f1"] = {"value": f1_binary(golds, preds), "stderr": bootstrap_stderr(f1_binary, golds, preds)}
-    if "macro_f1" in metrics:
-        out["macro_f1"] = {"value": f1_macro(golds, preds), "stderr": bootstrap_stderr(f1_macro, golds, preds)}
+        fn = f1_macro if f1_average == "macro" else f1_binary
+        out["f1"] = {"value": fn(golds, preds), "stderr": bootstrap_stderr(fn, golds, preds)}
     return out

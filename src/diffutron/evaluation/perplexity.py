@@ -126,7 +126,7 @@ def pack(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     if eos is None:
         raise DiffutronError("the tokenizer has neither an EOS nor a SEP token to end documents with")
     stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         stream.extend(ids)
         stream.append(eos)
     return [stream[i : i + max_length] for i in range(0, len(stream), max_length)]

@@ -184,7 +184,7 @@ def _run_task(lm, config: CetvelConfig, data: TaskData, examples: list[Example],
     lls = [[s.value for s in group] for group in per_example]
     choices = [ex.choices for ex in examples]
     golds = [ex.gold for ex in examples]
-    metrics = score_task(lls, choices, golds, task.metrics)
+    metrics = score_task(lls, choices, golds, task.metrics, f1_average=task.f1_average or "binary")
     mc = [s.stderr for s in scores if s.method == "monte_carlo"]
     if sample_file is not None:
         for i, (ex, prompt, group) in enumerate(zip(examples, prompts, per_example)):
@@ -199,6 +199,7 @@ def _run_task(lm, config: CetvelConfig, data: TaskData, examples: list[Example],
     ties = sum(1 for group in lls if len(group) > 1 and all(v == group[0] for v in group))
     return {
         "metrics": metrics,
+        **({"f1_average": task.f1_average} if "f1" in task.metrics else {}),  # CETVEL's f1: binary or macro
         "examples": len(examples),
         "examples_in_split": data.total,
         "examples_without_gold": sum(1 for ex in examples if not ex.has_gold),
@@ -274,12 +275,13 @@ def _task_line(name: str, result: dict) -> str:
 
 def format_table(results: dict) -> str:
     """The results as a plain-text table (percentages, ± standard error)."""
-    header = ["task", "n", "acc", "acc_norm", "f1 / macro_f1", "truncated", "ties"]
+    header = ["task", "n", "acc", "acc_norm", "f1", "truncated", "ties"]
     rows = [header]
     for name, r in results["results"].items():
         m = r["metrics"]
+        f1 = _pct(m.get("f1")) + (f" ({r['f1_average']})" if m.get("f1") and r.get("f1_average") else "")
         rows.append([name, str(r["examples"]), _pct(m.get("acc")), _pct(m.get("acc_norm")),
-                     _pct(m.get("f1") or m.get("macro_f1")), str(r["truncated_examples"]), str(r["all_choices_tied"])])
+                     f1, str(r["truncated_examples"]), str(r["all_choices_tied"])])
     for name in results.get("incomplete", []):
         rows.append([name, "-", "not run" if name not in results.get("errors", {}) else "failed", "", "", "", ""])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -55,6 +55,7 @@ class Task:
     target: Callable[[dict], int]
     choices_turkish: Callable[[dict], list[str]] | None = None
     class_label_columns: tuple[str, ...] = field(default=())  # hub ClassLabel ints -> names
+    f1_average: str | None = None  # with metric f1: "binary" (class 1 positive) or "macro", as CETVEL scores it
 
     @property
     def source(self) -> str:
@@ -173,11 +174,11 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("exams_tr", "mhardalov/exams", "crosslingual_tr", "validation", 393, ("question", "answerKey"),
          ("acc", "acc_norm"), lambda d: _exams_question(d)["stem"], _exams_choices, _exams_target),
     Task("ironytr", "mcemilg/IronyTR", None, "validation", 600, ("text", "label"),
-         ("acc", "acc_norm", "f1"), _irony_text, lambda d: ["Hayır", "Evet"], _label),
+         ("acc", "acc_norm", "f1"), _irony_text, lambda d: ["Hayır", "Evet"], _label, f1_average="binary"),
     Task("news_cat", "mcemilg/news-cat", None, "test", 250, ("text", "label"),
-         ("acc", "acc_norm", "macro_f1"), lambda d: f"Cümle: {d['text']}\nSoru: Bu cümlenin konusu nedir?\n Cevap:",
+         ("acc", "acc_norm", "f1"), lambda d: f"Cümle: {d['text']}\nSoru: Bu cümlenin konusu nedir?\n Cevap:",
          lambda d: ["spor", "magazin", "siyaset", "sağlık", "ekonomi"], _news_target,
-         class_label_columns=("label",)),
+         class_label_columns=("label",), f1_average="macro"),
     Task("mnli_tr", "boun-tabi/nli_tr", "multinli_tr", "validation_matched", 10000, ("premise", "hypothesis", "label"),
          ("acc", "acc_norm"),
          lambda d: _pair_text(d, "premise", "hypothesis", "Bu iki cümle arasındaki ilişki nedir:"),
@@ -321,3 +322,29 @@ def _read_hub(task: Task) -> tuple[list[dict], dict]:
                 d[column] = feature.int2str(d[column])
     fingerprint = getattr(ds, "_fingerprint", None)
     return docs, {"kind": "hub", "location": task.source, "fingerprint": fingerprint}
+
+
+def export_tasks(tasks: Sequence[Task], out_dir: str | Path, *, say=print) -> Path:
+    """Write each task's split from the hub to ``out_dir/<task>/<split>.jsonl`` (the ``--data-dir``
+    layout; class labels as names, as ``load_task`` gives them), on a connected machine, to copy to
+    an offline one. ``out_dir/SOURCES.json`` records where each file came from. Each file is
+    written to a temporary name and renamed: an interrupted export leaves no partial split."""
+    from ..outputs import check_output_dir
+
+    out = check_output_dir(out_dir, "--prepare")
+    out.mkdir(parents=True, exist_ok=True)
+    sources = {}
+    for task in tasks:
+        docs, source = _read_hub(task)
+        target = out / task.name / f"{task.split}.jsonl"
+        target.parent.mkdir(exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for doc in docs:
+                f.write(json.dumps(doc, ensure_ascii=False, default=str) + "\n")
+        tmp.replace(target)
+        sources[task.name] = {**source, "file": str(target.relative_to(out)), "rows": len(docs),
+                              "sha256": hashlib.sha256(target.read_bytes()).hexdigest()}
+        say(f"{task.name}: {len(docs)} rows from {task.source} -> {target}")
+    (out / "SOURCES.json").write_text(json.dumps(sources, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out

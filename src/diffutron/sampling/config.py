@@ -9,6 +9,7 @@ from ..errors import DiffutronError
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 CACHES = ("none", "dual", "delayed")
+RNGS = ("keyed", "reference")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ class SamplerConfig:
             many window steps (0 = only when a block starts; dLLM-Cache's refresh interval):
             fresher reads at the cost of a full forward each time.
         seed: an int (row r uses seed + r) or one int per row.
+        rng: where the random numbers come from. "keyed" (default): each row draws from its own
+            generator keyed by (row seed, block), one uniform per (step, position), so a row
+            samples the same tokens alone, in any batch, on any path. "reference": as the authors'
+            generator draws them, to reproduce a seeded run of it: once per step, one float64
+            uniform per (row, canvas position, vocabulary id) of the whole batch from one
+            generator seeded with ``seed`` (an int), tokens x0 = argmax(exp(logits) / (-log U) **
+            temperature) (Gumbel-max), then one float32 uniform per (row, position) for random
+            remasking (``noise.ReferenceNoise``). The eager loop runs it (the compiled engine
+            declines it); it costs drawing [B, width, V] numbers every step.
     """
 
     max_new_tokens: int = 64
@@ -54,6 +64,7 @@ class SamplerConfig:
     cache: str = "none"
     cache_refresh: int = 0
     seed: int | tuple[int, ...] = 0
+    rng: str = "keyed"
 
     def __post_init__(self) -> None:
         def bad(name: str, value, allowed: str) -> DiffutronError:
@@ -93,6 +104,11 @@ class SamplerConfig:
         seeds = self.seed if isinstance(self.seed, tuple) else (self.seed,)
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
             raise bad("seed", self.seed, "must be an integer >= 0 or one such integer per row")
+        if self.rng not in RNGS:
+            raise bad("rng", self.rng, f"choose one of {', '.join(RNGS)}")
+        if self.rng == "reference" and isinstance(self.seed, tuple):
+            raise bad("rng", self.rng, "draws one stream for the whole batch, as the reference does: give one "
+                      "integer seed, not one per row")
 
     def replace(self, **changes) -> "SamplerConfig":
         """A copy with some fields changed (validated again)."""

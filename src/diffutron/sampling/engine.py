@@ -18,8 +18,9 @@ compiled by torch.compile). Per block:
 A row decodes exactly as in ``loop.generate``: the same plan, uniforms, rules and tie-breaking, so
 in float32 its tokens are the same (``tests/test_engine.py``). A row whose block fills early
 (threshold) waits for the block's last step instead of starting its next block: same tokens, more
-forwards than the eager loop. Not here (``loop.generate`` runs them): masks inside a prompt and the
-delayed cache, whose windows change width from step to step.
+forwards than the eager loop. Not here (``loop.generate`` runs them): masks inside a prompt, the
+delayed cache, whose windows change width from step to step, and ``rng="reference"`` (one random
+stream over the whole batch's [B, width, V] logits per step, as the authors' generator draws it).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def supports(config: SamplerConfig, prompts: Sequence[Sequence[int]], mask_token
     """None when the engine can run these prompts with these settings, else the reason it cannot."""
     if config.cache == "delayed":
         return "the delayed cache changes its window width every step"
+    if config.rng == "reference":
+        return "rng='reference' draws one [B, width, V] stream per step for the whole batch, as the reference does"
     if config.max_new_tokens < 1 or any(mask_token_id in p for p in prompts):
         return "masks inside a prompt (infilling)"
     return None

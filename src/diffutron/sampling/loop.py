@@ -7,8 +7,10 @@ share one. Per step and row:
 1. the canvas holds prompt, committed tokens and masks; the current block's masks are the
    positions that may be committed;
 2. logits at those positions only (``logits_at``), with classifier-free guidance when asked;
-3. repetition penalty, candidates x0 and confidences (``policies``);
-4. commit the k most confident (k from the block schedule; plus all above the threshold).
+3. repetition penalty, candidates x0 and confidences (``policies``; with ``rng="reference"`` the
+   reference's Gumbel-max draw over the whole batch's stream, ``noise.ReferenceNoise``);
+4. commit the k most confident (k from the block schedule, ``policies.block_schedule``: the
+   reference's arithmetic, steps that reveal nothing dropped; plus all above the threshold).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..errors import DiffutronError
 from . import policies
 from .cache import DualCache
 from .config import SamplerConfig
-from .noise import block_noise
+from .noise import ReferenceNoise, block_noise
 from .stopping import find_stop
 
 
@@ -141,6 +143,9 @@ def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token
         rows.append(_Row(blocks=blocks, steps=policies.steps_per_block(cfg.steps, len(blocks))))
         starts.append(first)
     seeds = cfg.row_seeds(b)
+    reference = ReferenceNoise(cfg.seed, device) if cfg.rng == "reference" else None  # one stream for the batch
+    keyed_tokens = cfg.temperature > 0 and reference is None
+    keyed_order = cfg.remasking == "random" and reference is None
     cache = (DualCache(model, delayed=cfg.cache == "delayed", slots=b, width=canvas.shape[1])
              if cfg.cache != "none" else None)
 
@@ -176,7 +181,7 @@ def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token
                 row.j = 0
                 s, e = row.blocks[row.block]
                 row.u_tokens, row.u_order = block_noise(seeds[r], row.block, row.steps, e - s,
-                                                        tokens=cfg.temperature > 0, order=cfg.remasking == "random")
+                                                        tokens=keyed_tokens, order=keyed_order)
                 continue
             k = min(row.plan[row.j], masks_left(r))
             if k > 0:
@@ -223,11 +228,22 @@ def _denoise(model, input_ids, config, *, mask_token_id, eos_token_id, pad_token
             present[seen.nonzero()[:, 0], x[seen]] = True
             logits = policies.apply_repetition_penalty(logits, present, local_rows, cfg.repetition_penalty)
         flat = target.nonzero()
-        u, u_order = _uniforms(rows, work, flat, device)
-        x0, conf = policies.propose(
-            logits, u, u_order, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-            remasking=cfg.remasking, forbid=mask_token_id,
-        )
+        if reference is None:
+            u, u_order = _uniforms(rows, work, flat, device)
+            x0, conf = policies.propose(
+                logits, u, u_order, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                remasking=cfg.remasking, forbid=mask_token_id,
+            )
+        else:  # rng="reference": this step's draws over the whole [B, W, V] canvas, read where needed
+            canvas_rows, cols = sel[flat[:, 0]], flat[:, 1]
+            u = (reference.token_uniforms((b, canvas.shape[1], logits.shape[-1]), canvas_rows, cols).to(device)
+                 if cfg.temperature > 0 else None)
+            u_order = (reference.order_uniforms((b, canvas.shape[1]), canvas_rows, cols).to(device)
+                       if cfg.remasking == "random" else None)
+            x0, conf = policies.propose_reference(
+                logits, u, u_order, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                remasking=cfg.remasking, forbid=mask_token_id,
+            )
         # 4. commit the most confident candidates of each row
         for i, (r, k) in enumerate(work):
             mine = (local_rows == i).nonzero().squeeze(-1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 BLOCK = 1024  # inverse_cdf searches a row in two levels: blocks of this width, then one block
@@ -27,16 +28,28 @@ def uses_cpu_kernels(device: torch.device, plain: bool = False) -> bool:
 
 # --------------------------------------------------------------------------------------------- schedule
 def block_schedule(masks: int, steps: int) -> list[int]:
-    """Tokens to reveal at each step of a block: step j reveals round(m / (S - j)), m = masks left.
+    """Tokens to reveal at each step of a block of ``masks`` masks and ``steps`` steps, as the
+    reference computes them (dLLM's ``get_num_transfer_tokens`` with the linear schedule); steps
+    that reveal nothing are dropped, so the list holds only the steps that cost a forward.
 
-    Rounds half to even (as torch.round / Python's round), so 32 masks in 64 steps reveal
-    0, 1, 0, 1, ...; the last step always reveals what is left.
+    Step j: q = (1 - alpha(s)) / (1 - alpha(t)) in float32 with alpha(x) = 1 - x, s = (S-j-1)/S,
+    t = (S-j)/S (Python floats rounded to float32), taken out as a Python float; the step reveals
+    round(m * (1 - q)) in float64, half to even, at most m (m = masks left). So 4 masks in 3 steps
+    reveal [1, 1, 2] (exactly m / (S - j) would give [1, 2, 1]), 32 in 32 steps one per step, 32
+    in 64 steps one per kept step (every other step reveals 0 and is dropped). The last step
+    (s = 0) reveals what is left.
     """
+    one = np.float32(1.0)
     out, left = [], masks
     for j in range(steps):
-        k = min(left, int(round(left / (steps - j))))
-        out.append(k)
-        left -= k
+        if left <= 0:
+            break
+        s, t = np.float32((steps - j - 1) / steps), np.float32((steps - j) / steps)
+        q = float((one - (one - s)) / (one - (one - t)))  # float32 arithmetic, as the reference's scheduler
+        k = min(left, round(left * (1.0 - q)))  # float64 product, rounded half to even
+        if k > 0:
+            out.append(k)
+            left -= k
     return out
 
 
@@ -217,6 +230,32 @@ def propose(
         return cpu_kernels.propose(logits, u, u_order, temperature=temperature, top_k=top_k, top_p=top_p,
                                    remasking=remasking, forbid=forbid)
     x0 = candidates(logits, u, temperature=temperature, top_k=top_k, top_p=top_p, forbid=forbid)
+    return x0, confidence(logits, x0, remasking, u_order)
+
+
+def gumbel_candidates(logits: torch.Tensor, u: torch.Tensor, *, temperature: float, top_k: int = 0,
+                      top_p: float = 1.0, forbid: int | None = None) -> torch.Tensor:
+    """x0 [N] as the reference's Gumbel-max draws it (``rng="reference"``), from float64 uniforms
+    ``u`` [N, V]: argmax(exp(logits) / (-log u) ** temperature), all in float64, in the reference's
+    order of operations. Filtered ids (top-k / top-p on logits / T) and the ``forbid`` id weigh
+    exp(-inf) = 0."""
+    ok = allowed(logits.float(), forbid)
+    if top_k or top_p < 1.0:
+        kept = top_p_filter(top_k_filter(ok / temperature, top_k), top_p)
+        ok = ok.masked_fill(kept == float("-inf"), float("-inf"))
+    return (ok.to(torch.float64).exp() / (-torch.log(u)) ** temperature).argmax(-1)
+
+
+def propose_reference(logits: torch.Tensor, u: torch.Tensor | None, u_order: torch.Tensor | None, *,
+                      temperature: float, top_k: int, top_p: float, remasking: str,
+                      forbid: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``propose`` for ``rng="reference"``: candidates from ``gumbel_candidates`` (the argmax at
+    temperature 0), confidences from the logits without noise (plain rules)."""
+    logits = logits.float()
+    if temperature == 0:
+        x0 = allowed(logits, forbid).argmax(-1)
+    else:
+        x0 = gumbel_candidates(logits, u, temperature=temperature, top_k=top_k, top_p=top_p, forbid=forbid)
     return x0, confidence(logits, x0, remasking, u_order)
 
 

@@ -9,7 +9,9 @@ generic message (the traceback goes to the server log, never into a response).
 from __future__ import annotations
 
 import hmac
+import html
 import json
+import re
 import logging
 import socket
 import threading
@@ -50,6 +52,7 @@ def create_app(
     """The FastAPI app serving ``lm``: OpenAI routes under ``/v1``, ``/health`` and the web page at ``/``."""
     service = OpenAIService(lm, served_model_name=served_model_name, limits=limits)
     pages = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in STATIC}
+    pages["index.html"] = render_page(pages["index.html"].decode("utf-8"), page_defaults(service)).encode("utf-8")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -170,6 +173,33 @@ def create_app(
         return page(name)
 
     return app
+
+
+def page_defaults(service: OpenAIService) -> dict[str, object]:
+    """The sampler defaults the web page shows and sends, by field id: the server's own (its
+    model's ``SamplerConfig``, which ``diffutron generate`` and ``chat`` default to), within the
+    server's limits. ``seed`` is sent with every request, as the CLI does (turn N of a
+    conversation uses seed + N, as ``diffutron chat``); the API itself draws a random seed for a
+    request without one."""
+    d = service.lm.defaults
+    return {"max_tokens": min(d.max_new_tokens, service.max_tokens), "steps": min(d.steps, service.limits.max_steps),
+            "block_length": d.block_length, "temperature": d.temperature, "top_p": d.top_p,
+            "repetition_penalty": d.repetition_penalty, "remasking": d.remasking, "threshold": d.threshold,
+            "cfg_scale": d.cfg_scale, "seed": d.seed if isinstance(d.seed, int) else d.seed[0]}
+
+
+def render_page(template: str, values: dict[str, object]) -> str:
+    """``template`` with every ``{{name}}`` replaced by ``values[name]`` (HTML-escaped; None as
+    empty, floats in their shortest exact form: 1.2, 1, 0.1)."""
+
+    def text(value) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return str(int(value)) if value.is_integer() else repr(value)
+        return str(value)
+
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: html.escape(text(values[m.group(1)])), template)
 
 
 def _too_large(limit: int) -> ServiceError:

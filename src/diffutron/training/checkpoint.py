@@ -26,12 +26,14 @@ import shutil
 from pathlib import Path
 
 from ..errors import DiffutronError
+from ..outputs import check_output_dir
 
 CHECKPOINTS = "checkpoints"
-CKPT_STATE = "trainer_state.json"  # in a checkpoint: written last, marks it complete
+CKPT_STATE = "trainer_state.json"  # in a checkpoint: written last, lists its files (a manifest)
 STATE_FILE = "train_state.json"  # in the stage directory: written last, marks a finished stage
 RUN_RECORD = "diffutron_training.json"  # in the final model directory: config, data report, metrics
-_OWN_NAMES = {CHECKPOINTS, "cache", "metrics.jsonl", "metrics.csv", "tensorboard", "run.json", ".final-tmp"}
+_OWN_NAMES = {CHECKPOINTS, "cache", "metrics.jsonl", "metrics.csv", "tensorboard", "run.json", ".final-tmp",
+              "loss.png"}
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -39,17 +41,52 @@ def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / CHECKPOINTS
 
 
+def _manifest(checkpoint: Path) -> dict[str, int]:
+    """Every file of a checkpoint (but its state file) with its size in bytes."""
+    return {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
+            if p.is_file() and p.name != CKPT_STATE}
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """A checkpoint is complete when its state file (written last) is readable and every file it
+    lists is there at its recorded size: a kill while an old checkpoint was deleted, or a copy
+    that lost a file, leaves one that is not."""
+    try:
+        files = json.loads((checkpoint / CKPT_STATE).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError):
+        return False
+    if files is None:  # written before checkpoints listed their files: the state file vouches alone
+        return True
+    for name, size in files.items():
+        try:
+            if (checkpoint / name).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints as ``(step, path)``, oldest first."""
+    """Complete checkpoints as ``(step, path)``, oldest first (incomplete ones are ignored)."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
     found = []
     for entry in root.iterdir():
         m = _NAME.match(entry.name)
-        if m and entry.is_dir() and (entry / CKPT_STATE).is_file():
+        if m and entry.is_dir() and is_complete(entry):
             found.append((int(m.group(1)), entry))
     return sorted(found)
+
+
+def delete_checkpoint(checkpoint: Path) -> None:
+    """Rename first (one atomic step: the checkpoint is gone from the list), then delete; a kill
+    in between leaves a hidden ``.del-`` directory that ``remove_partial`` clears."""
+    doomed = checkpoint.with_name(f".del-{checkpoint.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(checkpoint, doomed)
+    _fsync_dir(checkpoint.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> tuple[int, Path] | None:
@@ -59,11 +96,11 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> tuple[int, Path] | None:
 
 
 def remove_partial(output_dir: str | os.PathLike) -> None:
-    """Delete half-written checkpoints left by a killed run."""
+    """Delete half-written and half-deleted checkpoints left by a killed run."""
     root = checkpoints_dir(output_dir)
     if root.is_dir():
         for entry in root.iterdir():
-            if entry.name.startswith(".tmp-"):
+            if entry.name.startswith((".tmp-", ".del-")):
                 shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -126,14 +163,14 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
         quiet.setLevel(level)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(tmp / CKPT_STATE, state)
         _fsync_tree(tmp)
+        write_json_atomic(tmp / CKPT_STATE, {**state, "files": _manifest(tmp)})
         if final.exists():  # the same step saved again after a resume: the old copy is identical
-            shutil.rmtree(final)
+            delete_checkpoint(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         for _, old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            delete_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -176,6 +213,7 @@ def output_state(out: Path) -> str:
 
 def check_output(out: Path, resume: bool) -> str:
     """Decide, before anything is written, whether this run may use ``out``; returns its state."""
+    check_output_dir(out)
     state = output_state(out)
     if resume:
         if state == "finished":

@@ -20,13 +20,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from ..errors import DiffutronError
 
 KINDS = ("auto", "pretrain", "instruct")
 FORMATS = ("auto", "alpaca", "instructurca", "chat")
-PADDINGS = ("pad_as_target", "exclude")
+PADDINGS = ("pad_as_target", "exclude", "longest_as_target")
 SAMPLE_BY = ("line", "paragraph", "document")
 METHODS = ("full", "lora")
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -99,9 +99,15 @@ class DataConfig:
     streaming: bool = _help("hub datasets: stream rows instead of downloading the whole dataset first", False)
     sample_by: str = _help(".txt files: one document per line, per blank-line paragraph, or per file", "line")
     format: str = _help("instruct rows: alpaca, instructurca, chat or auto (from each file's first row)", "auto")
-    padding: str = _help("instruct: pad_as_target (the reference: padding after the answer is a target, "
-                         "weighted by pad_weight) or exclude (padding is neither target nor attended)", "pad_as_target")
-    pad_weight: float = _help("pad_as_target: weight of each padding target in the loss (1 = reference)", 1.0)
+    alpaca_strip: bool = _help("alpaca rows: strip instruction and input each before joining them with a blank "
+                               "line (the reference); false: join them as given (the template strips only the "
+                               "whole turn)", True)
+    padding: str = _help("instruct: longest_as_target (the reference: each batch padded to its longest row, the "
+                         "padding after the answer a target and attended), pad_as_target (every row padded to "
+                         "max_length, the padding a target and attended) or exclude (padding neither target nor "
+                         "attended)", "pad_as_target")
+    pad_weight: float = _help("pad_as_target / longest_as_target: weight of each padding target in the loss "
+                              "(1 = reference)", 1.0)
     answer_window: int | None = _help(
         "pad_as_target: train on the prompt plus exactly this many answer positions (answer, end marker, "
         "padding), the canvas the sampler fills with max_new_tokens of the same value; None = pad to max_length",
@@ -136,18 +142,22 @@ class DataConfig:
 class LoraSettings:
     """LoRA adapters through peft (method: lora)."""
 
-    r: int = _help("rank (paper: 256)", 256)
-    alpha: float = _help("scaling numerator lora_alpha (paper: 256)", 256.0)
+    r: Optional[int] = _help("rank; default the paper's 256 from mmBERT-base's size (hidden 768) up, hidden_size "
+                             "// 4 below (64 on the embedded model)", None)
+    alpha: Optional[float] = _help("scaling numerator lora_alpha; default the rank (the paper: 256 = r)", None)
     dropout: float = _help("dropout on the adapter input (our choice: 0.05, dLLM's default)", 0.05)
     target_modules: Union[str, list[str], None] = _help(
-        "module names to adapt; default for ModernBERT/mmBERT: Wqkv, Wo, Wi (attention + MLP = the paper's "
-        "'all linear layers'), for other encoders peft's all-linear; 'all-linear' is accepted", None)
+        "module names to adapt; default peft's all-linear, the reference's (dLLM's default): every linear layer "
+        "but the output layer, for ModernBERT/mmBERT Wqkv, Wo, Wi and the MLM head's head.dense; a list such "
+        "as [Wqkv, Wo, Wi] adapts the encoder's attention and MLP only", None)
     modules_to_save: list[str] | None = _help("modules trained fully and saved with the adapter (e.g. [head])", None)
     merge: bool = _help("merge the adapter into the weights at the end of the stage (plain checkpoint)", False)
 
     def __post_init__(self):
-        _check_range("r", self.r, low=1)
-        _check_range("alpha", self.alpha, low=0.0, low_open=True)
+        if self.r is not None:
+            _check_range("r", self.r, low=1)
+        if self.alpha is not None:
+            _check_range("alpha", self.alpha, low=0.0, low_open=True)
         _check_range("dropout", self.dropout, low=0.0, high=0.99)
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise SettingError("target_modules", "an empty list: leave it out for the default or name modules")

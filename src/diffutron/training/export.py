@@ -6,10 +6,16 @@
       dir: src/diffutron/embedded/tiny-tr     # --quick writes to OUTPUT_DIR/export instead
       dtype: float16                          # stored weights (loaded back as float32 on CPU)
       prompts: ["Türkiye'nin başkenti neresidir?", ...]   # sample outputs on the card
+      card: {perplexity_data: ${data}/cpt/validation.jsonl}   # the card's numbers (card_metrics.py)
 
-The model card (README.md next to the weights) lists parameters, data sources and licenses, each
-stage's settings, held-out ELBO perplexity and instruction metrics before and after each stage,
-and sample outputs with the sampler settings used; ``card.json`` holds the same numbers.
+The model card (README.md next to the weights) lists parameters, training device and time, data
+sources and licenses, each stage's settings, held-out ELBO perplexity (per token on the stage's own
+split, per word on the CPT validation split) and instruction metrics before and after each stage,
+the Turkish-word share and lengths of the answers to the committed prompt set, what the model
+cannot do, and sample outputs with the sampler settings used; ``card.json`` holds the same numbers.
+
+``export_model`` does the same for a model trained elsewhere (a GPU run's returned weights and its
+``stages.json``): see ``scripts/train_tiny_tr.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from pathlib import Path
 
 import torch
 
+from .card_metrics import CardSettings
 from .config import SettingError
+
+__all__ = ["ExportConfig", "stage_record", "write_card", "final_numbers", "export", "export_model"]
 
 
 @dataclass
@@ -32,87 +41,167 @@ class ExportConfig:
     dir: str | None = None
     dtype: str = "float16"
     prompts: list[str] = field(default_factory=list)
+    card: CardSettings | None = None
 
     def __post_init__(self):
         if self.dtype not in ("float16", "bfloat16", "float32"):
             raise SettingError("dtype", f"{self.dtype!r} is not one of float16, bfloat16, float32")
 
 
-def _metric_cells(first: dict, last: dict) -> tuple[str, str]:
-    keys = [k for k in last if k.startswith("eval/") and k.endswith("_score")]
-    if not keys:
-        return "-", "-"
-    k = keys[0]
-    return f"{first.get(k, float('nan')):.3f}", f"{last[k]:.3f}"
+def stage_record(stage, result, card_metrics: dict | None = None) -> dict:
+    """A stage's settings and numbers as the card lists them (JSON-ready)."""
+    evals = [r for r in result.heldout if r.get("kind", "eval") == "eval"]
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    cfg = stage.config
+    return {
+        "name": stage.name, "start": stage.start, "method": cfg.method,
+        "data": cfg.data.train, "heldout": cfg.data.heldout, "max_length": cfg.data.max_length,
+        "steps": result.steps, "epochs": cfg.epochs, "max_steps": cfg.max_steps, "batch_size": cfg.batch_size,
+        "lr": cfg.lr, "mixed_precision": cfg.mixed_precision,
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "merge": cfg.lora.merge} if cfg.method == "lora" else None,
+        "heldout_ppl_before": first.get("heldout_ppl"), "heldout_ppl_after": last.get("heldout_ppl"),
+        "heldout_loss_stderr_after": last.get("heldout_loss_stderr"),
+        "metrics_before": {k[5:]: v for k, v in first.items() if k.startswith("eval/")},
+        "metrics_after": {k[5:]: v for k, v in last.items() if k.startswith("eval/")},
+        "card": card_metrics,
+    }
 
 
-def write_card(directory: Path, *, recipe, results, corpus_stats: dict | None, samples: list[dict],
-               sampler: dict, params: int, wall_seconds: float | None) -> dict:
+def _score_key(metrics: dict) -> str | None:
+    return next((k for k in metrics if k.endswith("_score")), None)
+
+
+def _fmt(value, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def final_numbers(lm, card: CardSettings | None, stems, corpus_dir: str | None) -> dict:
+    """The shipped weights' numbers: prompt-set answers, their share and lengths, the corpus ceiling,
+    the time of one 64-token answer on this machine."""
+    from .card_metrics import answer_seconds, corpus_word_share, load_prompt_set, prompt_set_metrics
+
+    out: dict = {}
+    rows = load_prompt_set(card.prompt_set if card else None)[: card.max_prompts if card else None]
+    out["prompt_set"] = prompt_set_metrics(lm, rows, stems)
+    if stems is not None:
+        try:
+            out["corpus_ceiling"] = corpus_word_share(stems, corpus_dir)
+        except Exception as err:  # no corpus here (a GPU run installed elsewhere): say so on the card
+            out["corpus_ceiling"] = {"share": None, "error": str(err)}
+    out["answer_time"] = answer_seconds(lm)
+    return out
+
+
+def write_card(directory: Path, *, name: str, source: str, stages: list[dict], corpus_stats: dict | None,
+               samples: list[dict], sampler: dict, params: int, wall_seconds: float | None,
+               numbers: dict | None = None, device: str | None = None) -> dict:
     """README.md (the model card) and card.json in ``directory``; returns the card's numbers."""
-    stages = []
-    for stage, res in zip(recipe.stages, results):
-        evals = [r for r in res.heldout if r.get("kind", "eval") == "eval"]
-        first, last = (evals[0], evals[-1]) if evals else ({}, {})
-        cfg = stage.config
-        stages.append({
-            "name": stage.name, "start": stage.start, "method": cfg.method,
-            "data": cfg.data.train, "heldout": cfg.data.heldout, "max_length": cfg.data.max_length,
-            "steps": res.steps, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "merge": cfg.lora.merge} if cfg.method == "lora" else None,
-            "heldout_ppl_before": first.get("heldout_ppl"), "heldout_ppl_after": last.get("heldout_ppl"),
-            "heldout_loss_stderr_after": last.get("heldout_loss_stderr"),
-            "metrics_before": {k[5:]: v for k, v in first.items() if k.startswith("eval/")},
-            "metrics_after": {k[5:]: v for k, v in last.items() if k.startswith("eval/")},
-        })
-    card = {"parameters": params, "stages": stages, "sampler": sampler, "samples": samples,
-            "sources": (corpus_stats or {}).get("sources", []), "wall_seconds": wall_seconds}
+    numbers = numbers or {}
+    card = {"parameters": params, "device": device, "wall_seconds": wall_seconds, "stages": stages,
+            "final": numbers, "sampler": sampler, "samples": samples,
+            "sources": (corpus_stats or {}).get("sources", [])}
     (directory / "card.json").write_text(json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
+    where = f"on {device}" if device else "on this machine"
     lines = [
-        f"# {recipe.name}: a tiny Turkish masked diffusion LM",
+        f"# {name}: a tiny Turkish masked diffusion LM",
         "",
-        f"Trained by `diffutron recipe run {recipe.source}` (diffutron's own progressive recipe, at toy scale) "
-        "on Turkish text that package registries ship. It exists so that `diffutron generate` works with no "
-        "download; its answers are those of a model with a few million parameters trained for minutes on CPU.",
+        f"Trained by `diffutron recipe run {source}` (diffutron's own progressive recipe, at toy scale) on "
+        "Turkish text that package registries ship. It exists so that `diffutron generate` works with no "
+        "download.",
+        "",
+        "**What it cannot do.** It knows only its training corpus (the data sources below: news, web and "
+        "Wikipedia sentences, software help, manual pages, UI strings, an English-Turkish dictionary) and "
+        f"has {params / 1e6:.1f} M parameters. It is not DiffutronLM-0.3B: it has no general knowledge, follows "
+        "only the instruction templates it was tuned on, and its answers to anything else are Turkish-looking "
+        "sentences of that corpus's kind, often wrong or off-topic. Use `--model diffutron/DiffutronLM-0.3B-Instruct` "
+        "for real answers.",
         "",
         f"- parameters: {params:,} (ModernBERT encoder + tied MLM head), stored as {recipe_dtype(directory)}",
-        f"- full recipe wall time: {wall_seconds / 60:.1f} min on this machine" if wall_seconds else "- wall time: n/a",
+        f"- full recipe wall time: {wall_seconds / 60:.1f} min {where}" if wall_seconds else f"- trained {where}",
         "- no pretrained Turkish encoder is available offline, so stage 0 trains one from scratch with the MDLM objective",
         "",
-        "## Data sources",
+        "## Numbers",
         "",
-        "| source | registry | version | license | domains | documents |",
-        "|---|---|---|---|---|---:|",
+        "| stage | held-out ELBO perplexity per word (CPT validation) | instruction metric before -> after | "
+        "Turkish-word share of the prompt set's answers | words per answer | training time |",
+        "|---|---:|---|---:|---:|---:|",
     ]
-    for s in card["sources"]:
-        lines.append(f"| {s.get('name')} | {s.get('registry')} | {s.get('version')} | {s.get('license')} | "
-                     f"{', '.join(s.get('domains', []))} | {s.get('documents', '')} |")
+    for st in stages:
+        c = st.get("card") or {}
+        ppl = (c.get("perplexity") or {}).get("ppl_per_word")
+        ps = c.get("prompt_set") or {}
+        share = (ps.get("turkish_share") or {}).get("share")
+        key = _score_key(st.get("metrics_after") or {})
+        metric = (f"{_fmt(st['metrics_before'].get(key), '.3f')} -> {_fmt(st['metrics_after'].get(key), '.3f')}"
+                  if key else "")
+        secs = c.get("train_seconds")
+        lines.append(f"| {st['name']} | {_fmt(ppl, ',.1f')} | {metric} | {_fmt(share, '.3f')} | "
+                     f"{_fmt((ps.get('lengths') or {}).get('mean_words'), '.1f')} | "
+                     f"{_fmt(secs and secs / 60, '.1f')}{' min' if secs else ''} |")
+    ps = numbers.get("prompt_set") or {}
+    if ps:
+        share = ps.get("turkish_share") or {}
+        open_share = ps.get("turkish_share_open") or {}
+        ceiling = numbers.get("corpus_ceiling") or {}
+        lengths = ps["lengths"]
+        timing = numbers.get("answer_time") or {}
+        lines += [
+            "",
+            f"The shipped weights on the committed prompt set (`diffutron/embedded/card-prompts.jsonl`: "
+            f"{ps['prompts']} prompts, {ps['open_prompts']} of them open questions outside the task templates; "
+            "sampler: the paper's settings, below):",
+            "",
+            f"- Turkish-word share of the answers: **{_fmt(share.get('share'), '.3f')}** "
+            f"({share.get('turkish', '-')} of {share.get('words', '-')} words; open questions alone "
+            f"{_fmt(open_share.get('share'), '.3f')}); real text, the corpus's {ceiling.get('split', 'test')} split, "
+            f"scores {_fmt(ceiling.get('share'), '.3f')} (the ceiling). A word counts when the longest stem of "
+            "Debian hunspell-tr's `tr_TR.dic` that is a prefix of it (Turkish lower case, letters only) covers at "
+            "least half of its letters (`diffutron.data.lexicon`).",
+            f"- answer lengths: {lengths['mean_words']:.1f} words on average (shortest {lengths['min_words']}); "
+            f"{lengths['long_enough']} of {lengths['answers']} answers have >= 5 words of which >= 60% are "
+            f"distinct (mean distinct share {lengths['mean_distinct']:.2f}).",
+        ]
+        if timing:
+            threads = f", {timing['threads']} threads" if timing.get("threads") else ""
+            lines.append(f"- one 64-token answer at these settings: {timing['seconds']:.2f} s on "
+                         f"{timing['device']}{threads} (all 64 tokens decoded, best of 3)")
+    lines += ["", "Perplexity per word: the held-out ELBO bound (`diffutron.likelihood.elbo_perplexity`, fixed seed) "
+              "summed over the CPT stage's validation documents packed as in pre-training, divided by their words, "
+              "so that tokenizers compare. Instruction metrics: greedy answers to held-out task rows scored by "
+              "`diffutron.data.tasks.score` (exact match / token F1 by family)."]
+
     lines += ["", "## Stages", "",
-              "| stage | start | method | data | steps | batch | lr | held-out ELBO ppl before -> after | "
-              "instruction metric before -> after |",
-              "|---|---|---|---|---:|---:|---:|---|---|"]
-    for st, res in zip(stages, results):
-        evals = [r for r in res.heldout if r.get("kind", "eval") == "eval"]
-        before, after = _metric_cells(evals[0], evals[-1]) if evals else ("-", "-")
+              "| stage | start | method | data | steps | batch | lr | held-out ELBO ppl per token (own split) "
+              "before -> after |",
+              "|---|---|---|---|---:|---:|---:|---|"]
+    for st in stages:
         data = st["data"] if isinstance(st["data"], str) else ", ".join(st["data"] or [])
         ppl = (f"{st['heldout_ppl_before']:.2f} -> {st['heldout_ppl_after']:.2f}"
                if st["heldout_ppl_before"] is not None and st["heldout_ppl_after"] is not None else "-")
         method = st["method"] + (f" r={st['lora']['r']} alpha={st['lora']['alpha']}" if st["lora"] else "")
         lines.append(f"| {st['name']} | {st['start']} | {method} | `{Path(str(data)).parent.name}/{Path(str(data)).name}` | "
-                     f"{st['steps']} | {st['batch_size']} | {st['lr']:g} | {ppl} | {before} -> {after} |")
-    lines += ["", "Held-out ELBO perplexity is the bound of the reference's definition on each stage's own "
-              "held-out split (fixed seed, 2 draws per sequence). Instruction metrics: greedy answers to held-out "
-              "task rows scored by `diffutron.data.tasks.score` (exact match / token F1 by family).", ""]
+                     f"{st['steps']} | {st['batch_size']} | {st['lr']:g} | {ppl} |")
+    lines.append("")
     for st in stages:
-        if st["metrics_after"]:
-            fams = {k: v for k, v in st["metrics_after"].items()
-                    if not k.endswith(("_score", "_rows", "_skipped"))}
-            if fams:
-                lines.append(f"- {st['name']} per family after the stage: "
-                             + ", ".join(f"{k} {v:.3f}" for k, v in sorted(fams.items())))
+        fams = {k: v for k, v in (st["metrics_after"] or {}).items() if not k.endswith(("_score", "_rows", "_skipped"))}
+        if fams:
+            lines.append(f"- {st['name']} per family after the stage: "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in sorted(fams.items())))
+
+    lines += ["", "## Data sources", "",
+              "| source | registry | version | license | domains | documents |", "|---|---|---|---|---|---:|"]
+    for s in card["sources"]:
+        lines.append(f"| {s.get('name')} | {s.get('registry')} | {s.get('version')} | {s.get('license')} | "
+                     f"{', '.join(s.get('domains', []))} | {s.get('documents', '')} |")
     lines += ["", "## Samples", "", "Sampler: " + ", ".join(f"{k}={v}" for k, v in sampler.items()), ""]
     for s in samples:
         lines += [f"**{s['prompt']}**", "", "> " + (s["text"].replace("\n", "\n> ") or "(empty)"), ""]
+    if ps.get("answers"):
+        lines += ["## The prompt set's answers", ""]
+        for a in ps["answers"]:
+            prompt = a["prompt"].replace("\n", " ")
+            lines.append(f"- ({a.get('kind')}) {prompt} -> {a['answer'].replace(chr(10), ' ') or '(empty)'}")
     (directory / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return card
 
@@ -124,14 +213,14 @@ def recipe_dtype(directory: Path) -> str:
         return "?"
 
 
-def export(cfg: ExportConfig, target: Path, *, recipe, results, corpus_dir: str | None,
-           wall_seconds: float | None, log=print) -> dict:
-    """Write the last stage's model (cast to ``cfg.dtype``), tokenizer and card to ``target`` atomically."""
+def export_model(source, target: Path, cfg: ExportConfig, *, name: str, recipe_source: str, stages: list[dict],
+                 corpus_dir: str | None, wall_seconds: float | None, device: str | None = None, stems=None,
+                 log=print) -> dict:
+    """Write ``source``'s model (cast to ``cfg.dtype``), tokenizer and card to ``target`` atomically."""
     from ..lm import DiffusionLM
     from ..sampling import SamplerConfig
 
-    source = results[-1].output_dir
-    lm = DiffusionLM.from_pretrained(source, device="cpu")
+    lm = DiffusionLM.from_pretrained(str(source), device="cpu")
     sampler = SamplerConfig(max_new_tokens=64, steps=64, block_length=32)
     params = sum(p.numel() for p in lm.model.parameters())
     stats = None
@@ -146,8 +235,13 @@ def export(cfg: ExportConfig, target: Path, *, recipe, results, corpus_dir: str 
         shipped = DiffusionLM.from_pretrained(tmp, device="cpu")  # samples from the stored weights, as users load them
         samples = [{"prompt": p, "text": c.text, "finish_reason": c.finish_reason}
                    for p, c in zip(cfg.prompts, shipped.generate(cfg.prompts, sampler))] if cfg.prompts else []
-        card = write_card(tmp, recipe=recipe, results=results, corpus_stats=stats, samples=samples,
-                          sampler=sampler.to_dict(), params=params, wall_seconds=wall_seconds)
+        numbers = final_numbers(shipped, cfg.card, stems, corpus_dir) if cfg.card is not None else None
+        card = write_card(tmp, name=name, source=recipe_source, stages=stages, corpus_stats=stats, samples=samples,
+                          sampler=sampler.to_dict(), params=params, wall_seconds=wall_seconds, numbers=numbers,
+                          device=device)
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -156,3 +250,19 @@ def export(cfg: ExportConfig, target: Path, *, recipe, results, corpus_dir: str 
         raise
     log(f"export: {target} ({sum(f.stat().st_size for f in target.iterdir()) / 1e6:.1f} MB)")
     return card
+
+
+def export(cfg: ExportConfig, target: Path, *, recipe, results, corpus_dir: str | None,
+           wall_seconds: float | None, log=print, stems=None) -> dict:
+    """Write the last stage's model, tokenizer and card to ``target`` (see ``export_model``)."""
+    from .card_metrics import CARD_METRICS, device_name
+
+    stages = []
+    for stage, res in zip(recipe.stages, results):
+        path = Path(res.output_dir) / CARD_METRICS
+        stages.append(stage_record(stage, res, json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None))
+    devices = {(s["card"] or {}).get("device") for s in stages} - {None}
+    device = devices.pop() if len(devices) == 1 else device_name()
+    source = recipe.source + (f" --variant {recipe.variant}" if recipe.variant else "")
+    return export_model(results[-1].output_dir, target, cfg, name=recipe.name, recipe_source=source, stages=stages,
+                        corpus_dir=corpus_dir, wall_seconds=wall_seconds, device=device, stems=stems, log=log)

@@ -50,6 +50,7 @@ from .inputs import (CACHE, build_data, check_start, data_fingerprint, load_cach
                      save_cache)
 from .lora import apply_lora, is_peft, merge_lora
 from .metrics import MetricsWriter, format_eval, say
+from .plot import draw_quietly, plot_stage
 
 PRETRAIN_LENGTH, INSTRUCT_LENGTH = 512, 256  # the paper's sequence lengths
 # settings that may differ between a run and its resumption
@@ -157,6 +158,9 @@ def draw_training_noise(maskable: torch.Tensor, positions: Sequence[int], micro:
         t = sample_t(global_batch, eps=config.eps, method=config.t_sampling, generator=g)[rank_rows]
     u = torch.stack([torch.rand(max_length, generator=g)[:width] for g in gens])  # [b, L]
     return t, (u < sched.mask_prob(t)[:, None]) & maskable
+
+
+REPEAT_WARNING = 10  # warn when the run shows each training sequence more often than this
 
 
 def resolve_mixed_precision(setting: str, cpu: bool) -> str | None:
@@ -374,6 +378,11 @@ def _run(config, accelerator, out, state, resume, evaluators, model, tokenizer, 
         say(f"training {start}: {config.method}, {n_trainable:,} of {n_total:,} parameters trainable, "
             f"{total_steps} steps of {per_step} sequences ({world} process{'es' if world > 1 else ''}, "
             f"mixed precision {accelerator.mixed_precision})")
+        seen = total_steps * per_step / max(1, len(train_set))
+        if seen > REPEAT_WARNING:
+            say(f"warning: each of the {len(train_set):,} training sequences will be seen about {seen:.0f} times "
+                f"({total_steps} steps of {per_step}): the model will learn them by heart; give more data, or "
+                "fewer steps or epochs")
     metrics = MetricsWriter(out, enabled=main, resume_step=step if resume else None, tensorboard=config.tensorboard)
     widths = train_set.widths() if config.data.group_by_length and hasattr(train_set, "widths") else None
     stream = DataStream(len(train_set), config.seed, widths, per_step)  # grouped per optimizer step
@@ -471,6 +480,8 @@ def _run(config, accelerator, out, state, resume, evaluators, model, tokenizer, 
             ckpt.save_checkpoint(accelerator, out, step, state, config.keep_last)
     bar.close()
     metrics.close()
+    if main:  # OUTPUT/loss.png: training loss and held-out perplexity against step
+        draw_quietly(plot_stage, out)
     if uncompile is not None:
         uncompile()
 

@@ -1,9 +1,10 @@
 """LoRA through peft: wrap a masked-LM encoder, merge adapters back into plain checkpoints.
 
-The paper trains LoRA on "all linear layers (attention + MLP)": for ModernBERT/mmBERT those are
-``Wqkv``, ``Wo`` (attention output and MLP output) and ``Wi`` (MLP input), the default here.
-peft's ``"all-linear"`` also works (it adds the MLM head's ``dense`` and leaves out the output
-layer ``decoder``).
+The paper trains LoRA on "all linear layers (attention + MLP)"; the authors' code does it with
+dLLM's default ``target_modules="all-linear"``, the default here too. peft resolves it to every
+``nn.Linear`` but the output layer: for ModernBERT/mmBERT ``Wqkv``, ``Wo`` (attention output and
+MLP output), ``Wi`` (MLP input) and the MLM head's ``head.dense`` (the output layer ``decoder`` is
+left out). ``[Wqkv, Wo, Wi]`` (``MODERNBERT_LORA_TARGETS``) adapts the encoder alone.
 """
 
 from __future__ import annotations
@@ -18,13 +19,23 @@ from torch import nn
 
 from ..backbone import load_backbone, unwrap
 from ..errors import DiffutronError
-from .config import MODERNBERT_LORA_TARGETS, LoraSettings
+from .config import MODERNBERT_LORA_TARGETS, LoraSettings  # noqa: F401 (the encoder-only option)
 
 
 def default_target_modules(model: nn.Module) -> list[str] | str:
-    """``[Wqkv, Wo, Wi]`` for ModernBERT/mmBERT, peft's ``all-linear`` for other encoders."""
-    model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
-    return list(MODERNBERT_LORA_TARGETS) if model_type == "modernbert" else "all-linear"
+    """peft's ``all-linear`` (the reference's targets) for every encoder."""
+    return "all-linear"
+
+
+PAPER_RANK = 256  # the paper's rank, on mmBERT-base (hidden 768)
+
+
+def default_rank(model: nn.Module) -> int:
+    """The rank when none is given: the paper's 256 from mmBERT-base's width (768) up; a quarter of
+    the width below (64 on the embedded 256-wide model, whose 8 M weights a rank of 256 would
+    double)."""
+    hidden = getattr(getattr(unwrap(model), "config", None), "hidden_size", None) or 768
+    return PAPER_RANK if hidden >= 768 else max(1, hidden // 4)
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -41,8 +52,10 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = settings.target_modules if settings.target_modules is not None else default_target_modules(model)
+    r = settings.r if settings.r is not None else default_rank(model)
+    alpha = settings.alpha if settings.alpha is not None else float(r)
     config = LoraConfig(
-        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
+        r=r, lora_alpha=alpha, lora_dropout=settings.dropout, target_modules=targets,
         modules_to_save=settings.modules_to_save, bias="none",
     )
     try:

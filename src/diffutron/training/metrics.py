@@ -52,8 +52,10 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-            except ImportError:
+                # purge_step: after a resume, TensorBoard drops the killed run's events past the checkpoint
+                purge = resume_step + 1 if resume_step is not None else None
+                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
+            except ImportError:  # the tensorboard package is an extra: pip install "diffutron[tensorboard]"
                 self.tb = None
 
     def log(self, record: dict) -> None:

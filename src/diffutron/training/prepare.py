@@ -66,7 +66,7 @@ def paths(cfg: PrepareConfig, data_dir: Path, *, quick: bool = False) -> dict[st
 def prepare(cfg: PrepareConfig, where: dict[str, str], *, log=print) -> None:
     """Build whatever is missing: corpus, tokenizer, tasks, exported groups (each atomically)."""
     from ..data.corpus import build_corpus, iter_corpus
-    from ..data.tasks import build_tasks
+    from ..data.tasks import TASKS_FORMAT, build_tasks
     from ..data.tokenizer import is_outdated, load_tokenizer, train_tokenizer
 
     corpus, tasks, tok_dir, data = (Path(where[k]) for k in ("corpus", "tasks", "tokenizer", "data"))
@@ -79,8 +79,10 @@ def prepare(cfg: PrepareConfig, where: dict[str, str], *, log=print) -> None:
         why = "is of an older format; retraining it" if have_tokenizer else "is missing"
         log(f"prepare: the tokenizer in {tok_dir} {why} ({cfg.vocab_size} tokens)")
         train_tokenizer(corpus, tok_dir, vocab_size=cfg.vocab_size)
-    if not (tasks / "stats.json").is_file() or retrain:  # tasks drop rows by their token count
-        log(f"prepare: writing the instruction tasks in {tasks}")
+    stats = tasks / "stats.json"
+    outdated = stats.is_file() and json.loads(stats.read_text(encoding="utf-8")).get("format") != TASKS_FORMAT
+    if not stats.is_file() or retrain or outdated:  # tasks drop rows by their token count
+        log(f"prepare: writing the instruction tasks in {tasks}" + (" (of an older format)" if outdated else ""))
         build_tasks(corpus, tasks, tokenizer=load_tokenizer(tok_dir), max_train_per_task=cfg.max_train_per_task,
                     max_heldout_per_task=cfg.max_heldout_per_task)
     for name, domains in cfg.groups.items():

@@ -17,6 +17,16 @@
         data: {train: chat.jsonl, kind: instruct, max_length: 256}
         epochs: 3
 
+A recipe may also name ``variants``: partial recipes merged into it on request
+(``--variant NAME``), e.g. a smaller model and fewer steps for a CPU::
+
+    variants:
+      cpu:
+        output_dir: runs/my-pipeline-cpu          # default: OUTPUT_DIR-NAME
+        defaults: {mixed_precision: "no"}
+        stages:                                   # by stage name; mappings merge key by key
+          cpt: {start: {config: {hidden_size: 320}}, epochs: 4}
+
 Every stage key other than ``name`` and ``start`` is a :class:`~diffutron.training.config.TrainConfig`
 setting. The whole file is checked before any stage runs: unknown keys, wrong types, a start or a
 data file that does not exist fail with ``file:line: key: message``. Finished stages are skipped;
@@ -42,10 +52,11 @@ from .checkpoint import RUN_RECORD, check_output, output_state
 from .loop import TrainResult, finished_result, train
 from .export import ExportConfig, export
 from .metrics import say
+from .plot import PLOT, draw_quietly, plot_recipe
 from .prepare import PrepareConfig, paths, prepare, substitute
 from .task_metric import MetricConfig, task_evaluator
 
-TOP_KEYS = ("name", "description", "output_dir", "defaults", "quick", "stages", "prepare", "export")
+TOP_KEYS = ("name", "description", "output_dir", "defaults", "quick", "stages", "prepare", "export", "variants")
 PREVIOUS = "previous"
 # what --quick changes in every stage unless the recipe's quick: mapping says otherwise
 QUICK_DEFAULTS = {"max_steps": 4, "batch_size": 2, "grad_accum": 1, "log_every": 1, "eval_sequences": 8,
@@ -73,6 +84,7 @@ class Recipe:
     where: dict = field(default_factory=dict)  # ${corpus}, ${tasks}, ${tokenizer}, ${data}
     export: ExportConfig | None = None
     quick: bool = False
+    variant: str | None = None
 
     def pending(self, path) -> bool:
         """A path that ``prepare`` will create but that does not exist yet (not checked now)."""
@@ -90,6 +102,53 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _deep_merge(base, over):
+    """``over`` merged into ``base`` key by key at every depth (lists and scalars replace)."""
+    if not isinstance(base, dict) or not isinstance(over, dict):
+        return copy.deepcopy(over)
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if key in out else copy.deepcopy(value)
+    return out
+
+
+def resolve_variant(data: dict, variant: str | None) -> str | None:
+    """``auto``: the recipe's ``cpu`` variant where no CUDA device is present, else none."""
+    if variant != "auto":
+        return variant
+    import torch
+
+    has_cpu = isinstance(data.get("variants"), dict) and "cpu" in data["variants"]
+    return "cpu" if has_cpu and not torch.cuda.is_available() else None
+
+
+def _apply_variant(data: dict, variant: str, where: Where) -> dict:
+    variants = data.get("variants") or {}
+    if not isinstance(variants, dict) or variant not in variants:
+        raise where.error("variants", f"variants: no variant {variant!r} in this recipe; it has: "
+                                      f"{', '.join(variants) if isinstance(variants, dict) and variants else 'none'}")
+    over = variants[variant] or {}
+    allowed = ("output_dir", "defaults", "quick", "stages", "prepare", "export", "description")
+    for key in over:
+        if key not in allowed:
+            raise where.error(f"variants.{variant}.{key}", f"variants.{variant}.{key}: unknown key; allowed: "
+                                                           f"{', '.join(allowed)}")
+    out = {k: v for k, v in data.items() if k != "variants"}
+    out["output_dir"] = over.get("output_dir") or f"{data.get('output_dir')}-{variant}"
+    for key in ("defaults", "quick", "prepare", "export"):
+        if over.get(key) is not None:
+            out[key] = _deep_merge(data.get(key) or {}, over[key])
+    stages = over.get("stages") or {}
+    names = [s.get("name") for s in data.get("stages") or [] if isinstance(s, dict)]
+    unknown = [n for n in stages if n not in names]
+    if unknown:
+        raise where.error(f"variants.{variant}.stages", f"variants.{variant}.stages: no stage {unknown[0]!r} in the "
+                                                        f"recipe (stages: {', '.join(map(str, names))})")
+    out["stages"] = [_deep_merge(s, stages[s["name"]]) if isinstance(s, dict) and s.get("name") in stages else s
+                     for s in data.get("stages") or []]
+    return out
+
+
 def _quick(settings: dict, quick: dict) -> dict:
     out = copy.deepcopy(settings)
     for key, value in quick.items():
@@ -102,8 +161,10 @@ def _quick(settings: dict, quick: dict) -> dict:
     return out
 
 
-def load_recipe(path: str | Path, *, quick: bool = False) -> Recipe:
+def load_recipe(path: str | Path, *, quick: bool = False, variant: str | None = None) -> Recipe:
     """Read and check a recipe YAML; every stage becomes a validated :class:`TrainConfig`.
+
+    ``variant`` merges one of the recipe's ``variants`` into it (``auto``: see ``resolve_variant``).
 
     Raises:
         DiffutronError: unknown keys, wrong types, duplicate stage names, ``previous`` in the first
@@ -119,6 +180,9 @@ def load_recipe(path: str | Path, *, quick: bool = False) -> Recipe:
             close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise where.error(str(key), f"{key}: unknown key{hint}; allowed: {', '.join(TOP_KEYS)}")
+    variant = resolve_variant(data, variant)
+    if variant is not None:
+        data = _apply_variant(data, variant, where)
     if not data.get("output_dir") or not isinstance(data["output_dir"], str):
         raise where.error("output_dir", "output_dir: missing: say where the stages write (a directory)")
     stages_raw = data.get("stages")
@@ -132,18 +196,22 @@ def load_recipe(path: str | Path, *, quick: bool = False) -> Recipe:
             build(TrainConfig, data[key], where, key)  # unknown keys and wrong types, with their own lines
     quick_over = _merge(QUICK_DEFAULTS, data.get("quick") or {})
     out_root = Path(data["output_dir"] + ("-quick" if quick else ""))
-    recipe = Recipe(name=str(data.get("name") or Path(path).stem), output_dir=out_root, source=str(path), quick=quick)
+    recipe = Recipe(name=str(data.get("name") or Path(path).stem), output_dir=out_root, source=str(path), quick=quick,
+                    variant=variant)
     if data.get("prepare") is not None:
         recipe.prepare = build(PrepareConfig, data["prepare"], where, "prepare")
         if quick and recipe.prepare.quick:  # --quick overrides, checked as strictly as the rest
             recipe.prepare = build(PrepareConfig, {**data["prepare"], **recipe.prepare.quick, "quick": {}},
                                    where, "prepare")
-    if data.get("export") is not None:
-        recipe.export = build(ExportConfig, data["export"], where, "export")
     if recipe.prepare is not None:
         recipe.where = paths(recipe.prepare, out_root / "data", quick=quick)
         defaults = substitute(defaults, recipe.where)
         stages_raw = substitute(stages_raw, recipe.where)
+    if data.get("export") is not None:
+        recipe.export = build(ExportConfig, substitute(data["export"], recipe.where), where, "export")
+        if quick and recipe.export.card is not None:  # --quick: a few documents and prompts
+            recipe.export.card = dataclasses.replace(recipe.export.card, max_documents=8, max_prompts=4,
+                                                     draws=min(recipe.export.card.draws, 2))
     names: set[str] = set()
     for i, raw in enumerate(stages_raw):
         key = f"stages[{i}]"
@@ -262,6 +330,10 @@ def run_recipe(
     resume: bool = False,
     evaluators: Sequence[Callable] | Mapping[str, Sequence[Callable]] = (),
     isolate: bool | None = None,
+    variant: str | None = None,
+    on_stage_end: Callable[[Stage, TrainResult, dict | None], None] | None = None,
+    deadline: float | None = None,
+    export_model: bool = True,
 ) -> list[TrainResult]:
     """Run every stage of a recipe in order; returns one :class:`TrainResult` per stage.
 
@@ -276,13 +348,21 @@ def run_recipe(
     distributed launcher (torchrun / accelerate launch: every rank is already its own process) or
     Python ``evaluators`` are given (they live in this process).
 
+    ``variant``: one of the recipe's ``variants`` (``auto``: ``cpu`` without a CUDA device).
+    With ``export.card`` set, each stage's model gets the card's numbers (``card_metrics``) in
+    ``STAGE/card_metrics.json`` (with the stage's training seconds) as soon as it is finished;
+    ``on_stage_end(stage, result, card_metrics)`` is then called. ``deadline`` (a
+    ``time.perf_counter()`` value): stages not started by then are left out (the export too).
+    ``export_model=False`` skips the ``export:`` section (a run whose weights are installed elsewhere).
+    ``OUTPUT_DIR/loss.png`` shows every stage's loss and held-out perplexity on one step axis.
+
     Raises:
         DiffutronError: an invalid recipe (nothing runs), or a stage's own errors.
     """
     import time
 
     began = time.perf_counter()
-    recipe = load_recipe(path, quick=quick)
+    recipe = load_recipe(path, quick=quick, variant=variant)
     if recipe.prepare is not None:
         prepare(recipe.prepare, recipe.where, log=say)
     # an interrupted stage without --resume is found before any stage runs
@@ -292,28 +372,78 @@ def run_recipe(
                 check_output(Path(stage.config.output_dir), resume=False)  # raises: pass --resume
     if isolate is None:
         isolate = _can_isolate(evaluators)
+    card = recipe.export.card if recipe.export is not None else None
+    stems = _stems() if card is not None else None
     results = []
     for n, stage in enumerate(recipe.stages, 1):
         out = Path(stage.config.output_dir)
         header = f"stage {n}/{len(recipe.stages)} {stage.name!r}"
         state = output_state(out)
+        if state != "finished" and deadline is not None and time.perf_counter() > deadline:
+            say(f"{header}: not started, the run's deadline has passed; stages left out: "
+                f"{', '.join(s.name for s in recipe.stages[n - 1:])}")
+            _plot(recipe, results)
+            return results
+        stage_began = time.perf_counter()
         if state == "finished":
             changed = _settings_changed(out, stage.config)
             note = f" (settings changed since: {', '.join(changed)}; delete {out} to train it again)" if changed else ""
             say(f"{header}: already finished in {out}, skipped{note}")
-            results.append(finished_result(out))
-            continue
-        say(f"{header}: start {stage.start}, {stage.config.method}, output {out}")
-        if isolate:
-            results.append(_run_isolated(stage.config, resume and state == "interrupted", stage.metric))
-            continue
-        stage_evals = list(evaluators.get(stage.name, ()) if isinstance(evaluators, Mapping) else evaluators)
-        if stage.metric is not None:
-            stage_evals.append(task_evaluator(stage.metric))
-        results.append(train(stage.config, resume=resume and state == "interrupted", evaluators=stage_evals))
-    if recipe.export is not None:
+            result = finished_result(out)
+        else:
+            say(f"{header}: start {stage.start}, {stage.config.method}, output {out}")
+            if isolate:
+                result = _run_isolated(stage.config, resume and state == "interrupted", stage.metric)
+            else:
+                stage_evals = list(evaluators.get(stage.name, ()) if isinstance(evaluators, Mapping) else evaluators)
+                if stage.metric is not None:
+                    stage_evals.append(task_evaluator(stage.metric))
+                result = train(stage.config, resume=resume and state == "interrupted", evaluators=stage_evals)
+        results.append(result)
+        metrics = _stage_card(stage, result, card, stems, time.perf_counter() - stage_began) if card else None
+        if on_stage_end is not None:
+            on_stage_end(stage, result, metrics)
+    _plot(recipe, results)
+    if recipe.export is not None and export_model:
         target = recipe.output_dir / "export" if quick or not recipe.export.dir else Path(recipe.export.dir)
         ran_all = not any(r.already_finished for r in results)
         export(recipe.export, target, recipe=recipe, results=results, corpus_dir=recipe.where.get("corpus"),
-               wall_seconds=time.perf_counter() - began if ran_all else None, log=say)
+               wall_seconds=time.perf_counter() - began if ran_all else None, log=say, stems=stems)
     return results
+
+
+def _plot(recipe: Recipe, results: list[TrainResult]) -> None:
+    """``OUTPUT_DIR/loss.png``: every stage run so far on one step axis (one process draws it)."""
+    import os
+
+    if results and os.environ.get("RANK", "0") == "0":
+        stages = [(stage.name, Path(result.output_dir)) for stage, result in zip(recipe.stages, results)]
+        draw_quietly(plot_recipe, stages, recipe.output_dir / PLOT, title=recipe.name)
+
+
+def _stems():
+    from ..data.lexicon import load_stems
+
+    try:
+        return load_stems()
+    except DiffutronError as err:
+        say(f"card: no Turkish-word share ({err})")
+        return None
+
+
+def _stage_card(stage: Stage, result: TrainResult, card, stems, seconds: float) -> dict:
+    """``STAGE/card_metrics.json``: computed once per trained stage (kept when the stage is skipped)."""
+    from .card_metrics import CARD_METRICS, stage_card_metrics
+
+    path = Path(result.output_dir) / CARD_METRICS
+    if result.already_finished and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    metrics = stage_card_metrics(result.output_dir, card, stems=stems)
+    metrics.update(stage=stage.name, train_seconds=None if result.already_finished else seconds)
+    path.write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    ppl = metrics.get("perplexity", {}).get("ppl_per_word")
+    share = (metrics["prompt_set"].get("turkish_share") or {}).get("share")
+    say(f"card: {stage.name}: held-out ELBO perplexity per word {ppl if ppl is None else f'{ppl:,.1f}'}, "
+        f"Turkish-word share of the prompt set's answers {share if share is None else f'{share:.3f}'}, "
+        f"{metrics['prompt_set']['lengths']['mean_words']:.1f} words per answer")
+    return metrics

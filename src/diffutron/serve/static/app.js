@@ -4,6 +4,9 @@
 // stream_options.include_denoising, then reads server-sent events. A chunk whose choice has a
 // `denoising` object is one intermediate canvas (null = a masked slot); content deltas are the
 // final text, sent block by block.
+// The page speaks Turkish (English in the title attributes). Its sampler defaults are the
+// server's, rendered into each field's data-default (those of `diffutron generate`); nothing
+// here hard-codes one. Like `diffutron chat`, it always sends a seed: turn N uses seed + N.
 "use strict";
 
 (() => {
@@ -12,7 +15,14 @@
     "remasking", "threshold", "cfg_scale", "seed"];
   const INTS = new Set(["max_tokens", "steps", "block_length", "seed"]);
   const SAVED = "diffutron.settings.v1";
-  const state = { model: null, defaults: {}, limits: {}, history: [], busy: false, controller: null };
+  const LABELS = { max_tokens: "en çok token", steps: "adım", block_length: "blok uzunluğu", temperature: "sıcaklık",
+    top_p: "top p", repetition_penalty: "tekrar cezası", threshold: "eşik", cfg_scale: "CFG ölçeği", seed: "tohum" };
+  // what an HTTP error means, in Turkish; the server's own (English) message follows it
+  const HTTP_ERRORS = { 400: "Geçersiz istek", 401: "API anahtarı gerekli ya da yanlış", 404: "Bulunamadı",
+    413: "İstek çok uzun", 422: "Geçersiz ayar", 429: "Sunucu meşgul, biraz sonra yeniden deneyin",
+    500: "Sunucu hatası", 503: "Sunucu hazır değil" };
+  const EMPTY_ANSWER = "(boş yanıt: model sırasını hemen bitirdi)";
+  const state = { model: null, limits: {}, history: [], busy: false, controller: null };
 
   // ------------------------------------------------------------------ settings
   function saveSettings() {
@@ -32,12 +42,24 @@
     if (typeof s.key === "string") $("api-key").value = s.key;
   }
 
+  // the server's defaults (data-default) shown as placeholders; an empty field sends nothing (seed: its default)
   function applyDefaults() {
-    const d = state.defaults, lim = state.limits;
-    const ph = { max_tokens: d.max_new_tokens, block_length: d.block_length, temperature: d.temperature,
-      top_p: d.top_p, repetition_penalty: d.repetition_penalty, cfg_scale: d.cfg_scale };
-    for (const [f, v] of Object.entries(ph)) if (v !== undefined && v !== null) $(f).placeholder = String(v);
-    if (d.remasking && !$("remasking").dataset.touched) $("remasking").value = d.remasking;
+    for (const f of FIELDS) {
+      const el = $(f), d = el.dataset.default;
+      if (f === "remasking") { if (d && !el.dataset.touched) el.value = d; continue; }
+      el.placeholder = d !== "" ? d : (el.dataset.off || "");
+    }
+    stepsPlaceholder();
+  }
+
+  // empty steps: the server keeps the defaults' tokens per step for the chosen max tokens
+  function stepsPlaceholder() {
+    const tokens = Number($("max_tokens").value), d = $("max_tokens").dataset.default, steps = $("steps").dataset.default;
+    $("steps").placeholder = tokens >= 1 && Number(d) >= 1 ? String(Math.ceil(tokens * Number(steps) / Number(d))) : steps;
+  }
+
+  function applyLimits() {
+    const lim = state.limits;
     if (lim.max_tokens) $("max_tokens").max = lim.max_tokens;
     if (lim.max_steps) $("steps").max = lim.max_steps;
   }
@@ -51,16 +73,18 @@
     saveSettings();
   }
 
-  function samplerFields() {
+  // the request's sampler fields; the seed always (the field's, else the default) plus the turn, as `diffutron chat`
+  function samplerFields(turn) {
     const out = {};
     for (const f of FIELDS) {
-      const raw = $(f).value.trim();
+      const raw = $(f).value.trim() || (f === "seed" ? $(f).dataset.default : "");
       if (raw === "") continue;
       if (f === "remasking") { out[f] = raw; continue; }
       const num = Number(raw);
-      if (!Number.isFinite(num)) throw new Error(`${f.replace("_", " ")} must be a number`);
+      if (!Number.isFinite(num)) throw new Error(`${LABELS[f]} bir sayı olmalı`);
       out[f] = INTS.has(f) ? Math.trunc(num) : num;
     }
+    if (out.seed !== undefined) out.seed += turn;
     return out;
   }
 
@@ -79,33 +103,34 @@
   }
 
   async function errorMessage(response) {
+    let detail = "";
     try {
       const body = await response.json();
-      if (body && body.error && body.error.message) return body.error.message;
+      if (body && body.error && body.error.message) detail = body.error.message;
     } catch (e) { /* not JSON */ }
-    return `HTTP ${response.status}`;
+    const what = HTTP_ERRORS[response.status] || "Hata";
+    return `${what} (HTTP ${response.status})` + (detail ? `: ${detail}` : "");
   }
 
   async function loadModel() {
     try {
       const r = await fetch("/v1/models", { headers: headers() });
       if (r.status === 401) {
-        $("model").textContent = "API key needed";
-        setStatus("This server needs an API key: enter it under Settings.", "error");
+        $("model").textContent = "API anahtarı gerekli";
+        setStatus("Bu sunucu bir API anahtarı istiyor: Ayarlar'dan girin.", "error");
         openSettings(true);
         return;
       }
       if (!r.ok) throw new Error(await errorMessage(r));
       const card = (await r.json()).data[0];
       state.model = card.id;
-      state.defaults = card.diffusion_defaults || {};
       state.limits = card.limits || {};
       $("model").textContent = card.id;
-      applyDefaults();
+      applyLimits();
       setStatus("");
     } catch (e) {
-      $("model").textContent = "offline";
-      setStatus("Cannot reach the server: " + e.message, "error");
+      $("model").textContent = "çevrimdışı";
+      setStatus("Sunucuya ulaşılamıyor: " + e.message, "error");
     }
   }
 
@@ -229,14 +254,19 @@
     finish(info) {
       this.el.dataset.state = "done";
       this.el.dataset.finish = info.finish || "";
-      this.textEl.textContent = this.text || "(empty answer)";
-      if (!this.text) this.textEl.classList.add("muted");
+      this.textEl.textContent = this.text || EMPTY_ANSWER;
+      if (!this.text) {
+        this.textEl.classList.add("muted");
+        this.textEl.title = "empty answer: the model ended its turn at once";
+      }
       const parts = [];
-      if (info.usage) parts.push(`${info.usage.completion_tokens} tokens`);
-      if (this.frames.length) parts.push(`${this.frames.length} steps`);
-      parts.push(`${info.seconds.toFixed(2)} s`);
-      if (info.finish) parts.push(info.finish === "length" ? "hit max tokens" : "ended");
+      if (info.usage) parts.push(`${info.usage.completion_tokens} token`);
+      if (this.frames.length) parts.push(`${this.frames.length} adım`);
+      parts.push(`${info.seconds.toLocaleString("tr-TR", { minimumFractionDigits: 2, maximumFractionDigits: 2 })} sn`);
+      if (info.finish) parts.push(info.finish === "length" ? "uzunluk sınırı" : "bitti");
       this.meta.textContent = parts.join(" · ");
+      this.meta.title = "tokens · denoising steps · seconds · finish reason: " + (info.finish === "length"
+        ? "length (hit max tokens)" : (info.finish || "none"));
       if (this.frames.length > 1) {
         this.draw(this.frames.length - 1);
         this.canvas.hidden = true;
@@ -281,7 +311,7 @@
   async function send(text) {
     if (state.busy || !text.trim()) return;
     let fields;
-    try { fields = samplerFields(); } catch (e) { setStatus(e.message, "error"); return; }
+    try { fields = samplerFields(state.history.length / 2); } catch (e) { setStatus(e.message, "error"); return; }
     const messages = [];
     const system = $("system").value.trim();
     if (system) messages.push({ role: "system", content: system });
@@ -310,7 +340,7 @@
         return;
       }
       await readEvents(r.body, (chunk) => {
-        if (chunk.error) throw new Error(chunk.error.message || "server error");
+        if (chunk.error) throw new Error("Sunucu hatası" + (chunk.error.message ? ": " + chunk.error.message : ""));
         if (chunk.usage) info.usage = chunk.usage;
         for (const c of chunk.choices || []) {
           if (c.index !== 0) continue;
@@ -323,7 +353,7 @@
       view.finish(info);
       state.history.push({ role: "user", content: text }, { role: "assistant", content: view.text });
     } catch (e) {
-      if (e.name === "AbortError") view.fail("(stopped)", "stopped");
+      if (e.name === "AbortError") view.fail("(durduruldu)", "stopped");
       else view.fail(e.message || String(e));
     } finally {
       state.controller = null;
@@ -343,6 +373,7 @@
   // ------------------------------------------------------------------ wiring
   function init() {
     restoreSettings();
+    applyDefaults();
     const wide = window.matchMedia("(min-width: 960px)");
     openSettings(wide.matches);  // beside the chat on wide screens; on phones only when asked
     wide.addEventListener("change", (e) => openSettings(e.matches));
@@ -355,6 +386,7 @@
     $("settings-toggle").addEventListener("click", () => openSettings($("settings").hidden));
     $("reset-settings").addEventListener("click", resetSettings);
     $("remasking").addEventListener("change", () => { $("remasking").dataset.touched = "1"; });
+    for (const ev of ["input", "change"]) $("max_tokens").addEventListener(ev, stepsPlaceholder);
     for (const el of document.querySelectorAll("#settings input, #settings select, #settings textarea")) {
       el.addEventListener("change", saveSettings);
     }
