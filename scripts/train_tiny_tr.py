@@ -34,7 +34,6 @@ is left out on the GPU and computed by ``install``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -48,6 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from diffutron.data.sources import file_sha256  # noqa: E402
+
 RECIPE = ROOT / "recipes" / "tiny-tr.yaml"
 META = "tiny-tr-meta.tgz"
 SHARD = "15MB"
@@ -57,14 +58,6 @@ MAX_BYTES = 16 * 1024 * 1024
 
 def say(text: str) -> None:
     print(f"train_tiny_tr: {text}", flush=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _device_inputs() -> None:
@@ -113,7 +106,7 @@ class Publisher:
             shards = sorted(p for p in (tmp / "model").glob("*.safetensors"))
             info = dict(self.run_info, stage=stage.name, stages_finished=[s["name"] for s in self.stages],
                         elapsed_s=time.perf_counter() - self.run_info["began"],
-                        shards={p.name: _sha256(p) for p in shards},
+                        shards={p.name: file_sha256(p) for p in shards},
                         parameters=sum(p.numel() for p in model.parameters()))
             info.pop("began", None)
             meta = tmp / META
@@ -188,7 +181,7 @@ def _extract(files: Path, into: Path) -> tuple[Path, list[dict], dict]:
     info = json.loads((into / "run.json").read_text(encoding="utf-8"))
     for name, digest in info["shards"].items():
         path = files / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or file_sha256(path) != digest:
             raise SystemExit(f"{path}: missing or not the shard of stage {info['stage']} (sha256 differs): the run "
                              "was cut while writing; nothing installed")
         shutil.copy(path, into / "model" / name)

@@ -182,7 +182,7 @@ class Source:
                 "license": self.license, "domains": list(self.domains), "homepage": self.homepage}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -230,7 +230,7 @@ def fetch(source: Source, cache_dir: str | Path | None = None, timeout: float = 
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "downloads"
     target = cache / source.registry / source.filename
     if target.is_file():
-        if _sha256(target) == source.sha256:
+        if file_sha256(target) == source.sha256:
             return target
         target.unlink()  # corrupt or truncated: never used
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +240,7 @@ def fetch(source: Source, cache_dir: str | Path | None = None, timeout: float = 
         if not got:
             raise SourceError(f"{source.name}: the {source.registry} client wrote no file")
         path = Path(tmp) / source.filename if (Path(tmp) / source.filename).is_file() else got[0]
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if digest != source.sha256:
             raise SourceError(f"{source.name}: checksum mismatch for {path.name}: expected sha256 "
                               f"{source.sha256[:16]}..., got {digest[:16]}... (download corrupt, or the "
