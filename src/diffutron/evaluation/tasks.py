@@ -13,12 +13,12 @@ uses Turkish rules instead (``"I" -> "ı"``, ``"İ" -> "i"``). No other task cha
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.sources import file_sha256
 from ..errors import DiffutronError
 from ..text import tr_lower
 
@@ -284,7 +284,7 @@ def _read_local(task: Task, data_dir: Path) -> tuple[list[dict], dict]:
                 docs = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise DiffutronError(f"cannot read {path}: {_describe(err)}") from None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     return docs, {"kind": "local", "location": str(path), "sha256": digest}
 
 
@@ -344,7 +344,7 @@ def export_tasks(tasks: Sequence[Task], out_dir: str | Path, *, say=print) -> Pa
                 f.write(json.dumps(doc, ensure_ascii=False, default=str) + "\n")
         tmp.replace(target)
         sources[task.name] = {**source, "file": str(target.relative_to(out)), "rows": len(docs),
-                              "sha256": hashlib.sha256(target.read_bytes()).hexdigest()}
+                              "sha256": file_sha256(target)}
         say(f"{task.name}: {len(docs)} rows from {task.source} -> {target}")
     (out / "SOURCES.json").write_text(json.dumps(sources, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out
