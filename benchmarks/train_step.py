@@ -10,7 +10,7 @@ and must give the same loss:
 
 - ``full``: logits at every position, then the masked ones picked (research code);
 - ``masked``: ``objective.mdlm_loss``, the MLM head only at the masked positions;
-- ``fused``: ``training.fused_loss``, masked positions only and the output layer fused with the
+- ``fused``: ``objective.fused_mdlm_loss``, masked positions only and the output layer fused with the
   cross-entropy in chunks (no [N, V] tensor kept): what ``diffutron train`` runs by default.
 
 Each variant runs in its own subprocess, so its peak resident memory (RSS) is its own; variants
@@ -106,9 +106,8 @@ def worker(args) -> None:
     """One variant: build, warm up, time ``steps`` steps; print one JSON line."""
     from _models import MASK_ID, random_mmbert
 
-    from diffutron.objective import draw_noise, mdlm_loss
+    from diffutron.objective import draw_noise, fused_mdlm_loss, mdlm_loss
     from diffutron.schedules import sample_t
-    from diffutron.training.fused_loss import fused_mdlm_loss
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -280,10 +279,10 @@ def run_device_variant(device: torch.device, setup: dict, variant: dict, *, warm
     from accelerate import Accelerator
 
     from diffutron.backbone import unwrap
-    from diffutron.objective import draw_noise, mdlm_loss
+    from diffutron.objective import draw_noise, fused_mdlm_loss, mdlm_loss
     from diffutron.schedules import sample_t
+    from diffutron.training.compiled import compile_encoder_layers
     from diffutron.training.config import LoraSettings
-    from diffutron.training.fused_loss import compile_encoder_layers, fused_mdlm_loss
     from diffutron.training.lora import apply_lora
     from diffutron.training.loop import _reset_accelerate, resolve_mixed_precision
 

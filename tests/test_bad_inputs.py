@@ -137,6 +137,8 @@ CASES = [
     # evaluation
     ("perplexity data missing", ["eval", "perplexity", "--data", "{new}.txt", "--model", "{model}"],
      r"no such file"),
+    ("lm-eval task unknown", ["eval", "lm-eval", "--model_args", "pretrained={model}", "--tasks", "no_such_task_tr"],
+     r"lm-eval: Tasks not found: no_such_task_tr"),
 ]
 
 
@@ -150,7 +152,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, argv, message, c
     before = set(os.listdir(paths["new"].parent))
     code = cli_main(argv)
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("diffutron: no --model")]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("diffutron: no start model given")]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("diffutron: error: "), err
     assert "Traceback" not in err

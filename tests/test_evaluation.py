@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from diffutron.cli import main
+from diffutron.data.pretrain import pack_documents
 from diffutron.errors import DiffutronError
 from diffutron.evaluation import metrics as M
 from diffutron.evaluation import runner as R
-from diffutron.evaluation.perplexity import pack, read_texts
+from diffutron.evaluation.perplexity import read_texts
 from diffutron.evaluation.tasks import TASK_NAMES, TASKS, get_tasks, load_task
 from diffutron.likelihood import loglikelihood
 from diffutron.lm import DiffusionLM
@@ -409,12 +410,14 @@ def test_config_validation():
 
 def test_pack_as_pretraining_keeping_the_tail(tokenizer):
     texts = ["Kitap okumak güzel.", "Çay içtik."]
-    seqs = pack(tokenizer, texts, 4)
+    seqs = pack_documents(tokenizer, texts, 4, keep_tail=True)
     stream = [i for s in seqs for i in s]
     expected = []
     for t in texts:
         expected += tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id]
     assert stream == expected and all(len(s) == 4 for s in seqs[:-1]) and 1 <= len(seqs[-1]) <= 4
+    # training's packing is the same with the short tail dropped
+    assert pack_documents(tokenizer, texts, 4) == (seqs if len(seqs[-1]) == 4 else seqs[:-1])
 
 
 def test_read_texts(tmp_path):

@@ -149,7 +149,7 @@ def test_a_bf16_training_stage_runs_on_cuda(run_inputs, tmp_path, capfd):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["8gpu-fsdp.yaml", "2x8gpu-deepspeed-zero2.yaml"])
 def test_accelerate_launch_trains_with_one_process(run_inputs, tmp_path, config):
-    """The shipped configs as the README runs them, shrunk to one process on one machine."""
+    """The shipped configs as docs/training.md runs them, shrunk to one process on one machine."""
     base, corpus = run_inputs
     env = _env()
     if "deepspeed" in config:

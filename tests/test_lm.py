@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffutron import DiffusionLM, SamplerConfig
-from diffutron.backbone import CHAT_TEMPLATE, context_length
+from diffutron.backbone import CHAT_TEMPLATE, context_length, end_of_text_id, pad_token_id, right_pad
 from diffutron.errors import DiffutronError
 from diffutron.tiny import tiny_lm, tiny_model, tiny_tokenizer
 
@@ -142,6 +142,24 @@ def test_context_length_is_min_of_positions_and_tokenizer():
     assert context_length(model, tok) == 64
     tok.model_max_length = 10**30  # "unlimited" tokenizers
     assert context_length(model, tok) == 128
+
+
+def test_special_ids_have_one_rule_each(lm):
+    from types import SimpleNamespace
+
+    def tok(pad=None, eos=None, sep=None, mask=None):
+        return SimpleNamespace(pad_token_id=pad, eos_token_id=eos, sep_token_id=sep, mask_token_id=mask)
+
+    assert (lm.pad_token_id, lm.eos_token_id) == (lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id)
+    assert end_of_text_id(tok(eos=5, sep=6)) == 5 and end_of_text_id(tok(sep=6)) == 6 and end_of_text_id(tok()) is None
+    assert pad_token_id(tok(pad=1, eos=5, mask=4)) == 1
+    assert pad_token_id(tok(eos=0, mask=4)) == 0  # an id 0 is an id
+    assert pad_token_id(tok(sep=6, mask=4)) == 6 and pad_token_id(tok(mask=4)) == 4
+    with pytest.raises(DiffutronError, match="no pad, EOS or SEP token"):
+        pad_token_id(tok(mask=4), mask_fallback=False)  # training data: padding may be a target
+    ids, att = right_pad([[7, 8, 9], [5]], 2)
+    assert ids.tolist() == [[7, 8, 9], [5, 2, 2]] and att.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert ids.dtype == att.dtype == torch.long
 
 
 def test_generate_high_level(lm):

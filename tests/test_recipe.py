@@ -248,11 +248,11 @@ def test_docs_describe_every_stage_setting():
 
     from diffutron.training import DataConfig, LoraSettings, TrainConfig
 
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")  # the "Stage settings" table
     for cls, prefix in ((TrainConfig, ""), (DataConfig, "data."), (LoraSettings, "lora.")):
         for f in dataclasses.fields(cls):
             if f.name not in ("data", "lora"):
-                assert f"`{prefix}{f.name}`" in text, f"README.md does not describe {prefix}{f.name}"
+                assert f"`{prefix}{f.name}`" in text, f"docs/training.md does not describe {prefix}{f.name}"
 
 
 def test_a_variant_merges_into_the_recipe_key_by_key(files, tmp_path):

@@ -690,3 +690,142 @@ def test_dual_cache_refuses_cfg_and_other_encoders(tokenizer):
             SamplerConfig(cache=mode, cfg_scale=1.0)
     with pytest.raises(DiffutronError, match="ModernBERT masked LMs only"):
         DualCache(tiny_model(tokenizer, arch="bert"))
+
+
+def test_dual_cache_names_the_transformers_its_modernbert_internals_need(model):
+    """transformers 4.x's ModernBERT has no per-layer-type rotary embeddings: one line naming the version."""
+    from types import SimpleNamespace
+
+    from diffutron.sampling.cache import TRANSFORMERS_NEEDED, DualCache, check_internals
+
+    class ModernBertForMaskedLM(torch.nn.Module):  # the layout without config.layer_types
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(num_attention_heads=2, hidden_size=32, local_attention=16)
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([torch.nn.Linear(32, 32)])
+
+    for mode in ("dual", "delayed"):
+        with pytest.raises(DiffutronError, match=rf"cache='{mode}' needs the ModernBERT of transformers >= "
+                                                 rf"{TRANSFORMERS_NEEDED} .*use cache='none'") as err:
+            DualCache(ModernBertForMaskedLM(), delayed=mode == "delayed")
+        assert "\n" not in str(err.value)
+    check_internals(model)  # this transformers' ModernBERT has them
+
+
+# ------------------------------------------------------------------ the eager loop's per-row state
+M, PAD, EOS = 4, 0, 5  # mask, pad and EOS ids for the RowState tests (no model needed)
+
+
+def row_state(tokens, stops=(), **settings):
+    """A RowState over row 1 of a two-row canvas (the other row must stay untouched)."""
+    from diffutron.sampling.state import RowState, Specials
+
+    canvas = torch.tensor([[8] * len(tokens), tokens])
+    config = SamplerConfig(**{"temperature": 0.0, **settings})
+    return RowState(1, canvas[1], config, Specials.of(M, PAD, EOS, stops), seed=3), canvas
+
+
+def decode(row, canvas, fill):
+    """Commit ``fill(block)`` tokens at the first k masks of each step until the row is done;
+    returns the (block, step, k) of every step."""
+    steps = []
+    while (k := row.advance()) > 0:
+        steps.append((row.block, row.j, k))
+        s, e = row.span
+        cols = s + (canvas[1, s:e] == M).nonzero().squeeze(-1)[:k]
+        row.commit(cols, torch.full((k,), fill(row.block)))
+    return steps
+
+
+def test_row_state_blocks_start_at_the_first_mask_and_share_the_steps():
+    row, _ = row_state([7, 8] + [M] * 7, block_length=3, steps=7)
+    assert (row.start, row.blocks, row.steps, row.length) == (2, [(2, 5), (5, 8), (8, 9)], 3, 9)
+    row, _ = row_state([7, M, 8, M, M, 9], block_length=2, steps=4)  # masks inside a prompt: blocks span them
+    assert (row.start, row.blocks, row.steps) == (1, [(1, 3), (3, 5)], 2)
+    with pytest.raises(DiffutronError, match="row 1 has nothing to generate"):
+        row_state([7, 8, 9])
+
+
+def test_row_state_walks_each_blocks_schedule_then_stops_at_length():
+    row, canvas = row_state([7] + [M] * 8, block_length=4, steps=6)  # 4 masks in 3 steps: [1, 1, 2]
+    assert decode(row, canvas, lambda b: 9) == [(0, 0, 1), (0, 1, 1), (0, 2, 2), (1, 0, 1), (1, 1, 1), (1, 2, 2)]
+    assert row.done == "length" and row.finish_reason() == "length"
+    assert row.advance() == 0 and row.k == 0
+    assert canvas[1].tolist() == [7] + [9] * 8 and canvas[0].tolist() == [8] * 9
+    row, _ = row_state([7, M, M], block_length=2, steps=8)  # more steps than tokens: no step commits 0
+    row.advance()
+    assert row.plan == [1, 1] and row.plan == block_schedule(2, 8)
+
+
+def test_row_state_leaves_a_block_its_threshold_filled_early():
+    row, _ = row_state([7] + [M] * 8, block_length=4, steps=8)
+    assert row.advance() == 1 and row.plan == [1, 1, 1, 1]
+    row.commit(torch.arange(1, 5), torch.full((4,), 9))  # every mask of the block above the threshold
+    assert row.advance() == 1 and (row.block, row.j, row.span) == (1, 0, (5, 9))
+    row.commit(torch.tensor([5, 6]), torch.tensor([9, 9]))  # more than k = 1: the next step commits what is left
+    assert row.advance() == 1 and row.j == 1 and row.masks_left() == 2
+
+
+def test_row_state_stops_after_the_block_where_its_answer_ended():
+    row, canvas = row_state([7] + [M] * 8, block_length=4, steps=8)
+    row.advance()
+    row.commit(torch.arange(1, 5), torch.tensor([9, EOS, 9, 9]))
+    assert row.advance() == 0 and row.done == "stop" and row.finish_reason() == "stop"
+    assert canvas[1].tolist() == [7, 9, EOS] + [PAD] * 6  # the tail after the EOS is padding
+    # without stop_at_eos the row runs to its end; an answer holding an EOS still reports "stop"
+    row, canvas = row_state([7] + [M] * 8, block_length=4, steps=8, stop_at_eos=False)
+    assert len(decode(row, canvas, lambda b: EOS if b == 0 else 9)) == 8
+    assert row.done == "length" and row.finish_reason() == "stop"
+    assert M not in canvas[1].tolist() and PAD not in canvas[1].tolist()
+
+
+def test_row_state_finds_a_stop_sequence_across_a_block_boundary():
+    row, canvas = row_state([7] + [M] * 12, [[], [10, 11]], block_length=4, steps=12)
+    assert row.specials.stops == ((10, 11),)  # empty stop sequences are dropped
+    decode(row, canvas, lambda b: (10, 11, 9)[b])  # block 0 ends with 10, block 1 starts with 11
+    assert row.done == "stop" and row.block == 1
+    assert canvas[1].tolist() == [7] + [10] * 4 + [11] + [PAD] * 7
+
+
+def test_row_state_cancel_turns_its_masks_into_padding():
+    row, canvas = row_state([7] + [M] * 8, block_length=4, steps=8)
+    row.advance()
+    row.commit(torch.tensor([1]), torch.tensor([9]))
+    row.cancel()
+    assert canvas[1].tolist() == [7, 9] + [PAD] * 7
+    assert row.advance() == 0 and row.done == "cancelled" and row.finish_reason() == "cancelled"
+
+
+def test_row_state_reads_its_block_noise_at_its_step_and_offset():
+    from diffutron.sampling.noise import block_noise
+
+    row, _ = row_state([7, 8] + [M] * 8, block_length=4, steps=8, temperature=0.7, remasking="random")
+    row.advance()
+    row.commit(torch.arange(2, 6), torch.full((4,), 9))  # block 0 (columns 2..5) in one step
+    row.advance()  # block 1 (columns 6..9), step 0
+    row.commit(torch.tensor([6]), torch.tensor([9]))
+    u_tokens, u_order = block_noise(3, 1, 4, 4, tokens=True, order=True)
+    got = row.uniforms(torch.tensor([7, 9]))  # step 1, offsets 1 and 3
+    assert torch.equal(got[0], u_tokens[1, [1, 3]]) and torch.equal(got[1], u_order[1, [1, 3]])
+    greedy, _ = row_state([7] + [M] * 4, block_length=4, steps=4)
+    greedy.advance()
+    assert greedy.uniforms(torch.tensor([1])) == (None, None)
+    reference, _ = row_state([7] + [M] * 4, block_length=4, steps=4, temperature=0.7, rng="reference")
+    reference.advance()  # rng="reference": the loop draws from the batch's one stream instead
+    assert reference.uniforms(torch.tensor([1])) == (None, None)
+
+
+def test_row_state_cache_bookkeeping():
+    row, _ = row_state([7] + [M] * 8, block_length=4, steps=8)
+    row.advance()
+    assert row.stale() and row.stale(2)  # a new block: refresh
+    row.refreshed()
+    row.windowed()
+    assert not row.stale() and not row.stale(2)
+    row.windowed()
+    assert not row.stale() and row.stale(2)  # refresh every 2 windows
+    row.refreshed()
+    row.commit(torch.arange(1, 5), torch.full((4,), 9))
+    row.advance()  # the next block
+    assert row.stale()

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import diffutron.training.fused_loss as fl
+from diffutron import objective
 from diffutron.errors import DiffutronError
 from diffutron.objective import mdlm_loss
+from diffutron.training.compiled import compile_encoder_layers, encoder_layers
 from diffutron.tiny import tiny_model, tiny_tokenizer
 from tiny_runs import loss_batch, tiny_run_inputs
 from diffutron.training import DataConfig, LoraSettings, TrainConfig, apply_lora, train
@@ -45,16 +46,16 @@ def _loss_and_grads(model, fn, tok, batch, *, autocast=False, **kw):
     ("modernbert", False, True, "elbo"), ("modernbert", True, True, "elbo")])
 @pytest.mark.parametrize("impl", ["v2", "v2-compiled"])
 def test_v2_fused_loss_equals_mdlm_loss(arch, lora, autocast, weighting, impl, monkeypatch):
-    monkeypatch.setattr(fl, "_COMPILE_BACKEND", "aot_eager")  # the traced graph, no code generation
+    monkeypatch.setattr(objective, "_COMPILE_BACKEND", "aot_eager")  # the traced graph, no code generation
     tok = tiny_tokenizer()
     model = _model(tok, arch, lora)
     batch = loss_batch(tok)
     weight = torch.rand(batch[0].shape, generator=torch.Generator().manual_seed(5))
     ref, ref_g = _loss_and_grads(model, mdlm_loss, tok, batch, autocast=autocast, weighting=weighting,
                                  target_weight=weight)
-    monkeypatch.setattr(fl, "_V2_CHUNK_ELEMENTS", len(tok) * 4)  # blocks of <= 4 rows: several, balanced
-    monkeypatch.setattr(fl, "_V2_SUB_ELEMENTS", len(tok) * 3)  # fp32 sub-blocks of 3 rows (one left over)
-    got, got_g = _loss_and_grads(model, fl.fused_mdlm_loss, tok, batch, autocast=autocast, weighting=weighting,
+    monkeypatch.setattr(objective, "_V2_CHUNK_ELEMENTS", len(tok) * 4)  # blocks of <= 4 rows: several, balanced
+    monkeypatch.setattr(objective, "_V2_SUB_ELEMENTS", len(tok) * 3)  # fp32 sub-blocks of 3 rows (one left over)
+    got, got_g = _loss_and_grads(model, objective.fused_mdlm_loss, tok, batch, autocast=autocast, weighting=weighting,
                                  target_weight=weight, impl=impl)
     assert got == pytest.approx(ref, rel=1e-5)
     assert ref_g.keys() == got_g.keys() and ref_g
@@ -64,15 +65,15 @@ def test_v2_fused_loss_equals_mdlm_loss(arch, lora, autocast, weighting, impl, m
             assert float((ref_g[n] - got_g[n]).abs().max() / scale) < 1e-2, n
         else:
             assert torch.allclose(ref_g[n], got_g[n], atol=1e-6, rtol=1e-4), n
-    assert "forward" not in vars(fl.output_layer(model))  # the swap is undone
+    assert "forward" not in vars(objective.output_layer(model))  # the swap is undone
 
 
 def test_v2_with_inductor_equals_v2_eager():
     tok = tiny_tokenizer()
     model = _model(tok)
     batch = loss_batch(tok, seed=1)
-    ref, ref_g = _loss_and_grads(model, fl.fused_mdlm_loss, tok, batch, impl="v2")
-    got, got_g = _loss_and_grads(model, fl.fused_mdlm_loss, tok, batch, impl="v2-compiled")
+    ref, ref_g = _loss_and_grads(model, objective.fused_mdlm_loss, tok, batch, impl="v2")
+    got, got_g = _loss_and_grads(model, objective.fused_mdlm_loss, tok, batch, impl="v2-compiled")
     assert got == pytest.approx(ref, rel=1e-5)
     for n in ref_g:
         assert torch.allclose(ref_g[n], got_g[n], atol=1e-6, rtol=1e-4), n
@@ -82,7 +83,7 @@ def test_v2_with_nothing_masked_is_an_exact_zero_that_reaches_every_parameter():
     tok = tiny_tokenizer()
     model = _model(tok, lora=True)
     ids, maskable, att, t, noise = loss_batch(tok)
-    zero = fl.fused_mdlm_loss(model, ids, maskable, mask_token_id=tok.mask_token_id, t=t,
+    zero = objective.fused_mdlm_loss(model, ids, maskable, mask_token_id=tok.mask_token_id, t=t,
                               noise_mask=torch.zeros_like(noise), impl="v2")
     zero.backward()
     assert zero.item() == 0.0
@@ -90,35 +91,34 @@ def test_v2_with_nothing_masked_is_an_exact_zero_that_reaches_every_parameter():
 
 
 def test_impl_names_blocks_and_settings():
-    assert fl.resolve_impl(None, "cpu") == fl.AUTO_IMPL["cpu"] == "v1"  # CPU keeps the measured v1
-    assert fl.resolve_impl("auto", torch.device("cpu")) == "v1"
-    assert fl.resolve_impl("v2-compiled", "cpu") == "v2-compiled"
+    assert objective.resolve_impl(None, "cpu") == objective.AUTO_IMPL["cpu"] == "v1"  # CPU keeps the measured v1
+    assert objective.resolve_impl("auto", torch.device("cpu")) == "v1"
+    assert objective.resolve_impl("v2-compiled", "cpu") == "v2-compiled"
     with pytest.raises(DiffutronError, match="unknown fused loss implementation 'v3'"):
-        fl.resolve_impl("v3", "cpu")
-    rows = fl._V2_CHUNK_ELEMENTS // 256000
-    assert fl.v2_chunk(100, 256000) == 100 and fl.v2_chunk(0, 256000) == 1
-    assert fl.v2_chunk(rows + 1, 256000) == (rows + 2) // 2  # two balanced blocks, not rows + 1
-    assert all(fl.v2_chunk(n, 256000) <= rows for n in (rows, 3 * rows - 1, 4096, 10_000))
+        objective.resolve_impl("v3", "cpu")
+    rows = objective._V2_CHUNK_ELEMENTS // 256000
+    assert objective.v2_chunk(100, 256000) == 100 and objective.v2_chunk(0, 256000) == 1
+    assert objective.v2_chunk(rows + 1, 256000) == (rows + 2) // 2  # two balanced blocks, not rows + 1
+    assert all(objective.v2_chunk(n, 256000) <= rows for n in (rows, 3 * rows - 1, 4096, 10_000))
     assert TrainConfig().fused_loss_impl == "auto" and TrainConfig().compile is False
     with pytest.raises(DiffutronError, match="fused_loss_impl"):
         TrainConfig(fused_loss_impl="fast")
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_compiled_layers_give_eager_losses_and_gradients_and_undo(lora, monkeypatch):
+def test_compiled_layers_give_eager_losses_and_gradients_and_undo(lora):
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(fl, "_COMPILE_BACKEND", "aot_eager")
     tok = tiny_tokenizer()
     model = _model(tok, lora=lora).train()  # the tiny model has no dropout: compiled == eager
     batch = loss_batch(tok, seed=2)
-    ref, ref_g = _loss_and_grads(model, fl.fused_mdlm_loss, tok, batch, impl="v2")
+    ref, ref_g = _loss_and_grads(model, objective.fused_mdlm_loss, tok, batch, impl="v2")
     torch._dynamo.reset()
     counters.clear()
-    undo = fl.compile_encoder_layers(model)
-    layers = fl.encoder_layers(model)
+    undo = compile_encoder_layers(model, backend="aot_eager")  # the traced graph, no code generation
+    layers = encoder_layers(model)
     assert len(layers) == 2 and all("forward" in vars(layer) for layer in layers)
-    got, got_g = _loss_and_grads(model, fl.fused_mdlm_loss, tok, batch, impl="v2")
+    got, got_g = _loss_and_grads(model, objective.fused_mdlm_loss, tok, batch, impl="v2")
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 1  # the layers ran compiled
     assert got == pytest.approx(ref, rel=1e-6)
@@ -126,7 +126,7 @@ def test_compiled_layers_give_eager_losses_and_gradients_and_undo(lora, monkeypa
         assert torch.allclose(ref_g[n], got_g[n], atol=1e-6, rtol=1e-5), n
     model.eval()  # evaluation runs the eager layers: nothing new is compiled
     with torch.no_grad():
-        fl.fused_mdlm_loss(model, *batch[:2], mask_token_id=tok.mask_token_id, t=batch[3], noise_mask=batch[4])
+        objective.fused_mdlm_loss(model, *batch[:2], mask_token_id=tok.mask_token_id, t=batch[3], noise_mask=batch[4])
     assert counters["stats"]["unique_graphs"] == graphs
     undo()
     assert not any("forward" in vars(layer) for layer in layers)
@@ -134,7 +134,7 @@ def test_compiled_layers_give_eager_losses_and_gradients_and_undo(lora, monkeypa
 
 def test_compile_refuses_a_model_without_known_layers():
     with pytest.raises(DiffutronError, match="encoder layers"):
-        fl.compile_encoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        compile_encoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from diffutron.tiny import SAMPLE_TEXTS, tiny_model, tiny_tokenizer
 from tiny_runs import loss_batch, tiny_run_inputs
 from diffutron.training import DataConfig, LoraSettings, TrainConfig, train
 from diffutron.training import loop as loop_module
-from diffutron.training.checkpoint import latest_checkpoint, list_checkpoints
+from diffutron.training.checkpoint import RESUME_FREE, changed_settings, latest_checkpoint, list_checkpoints
 from diffutron.training.config import build, load_train_config
 from diffutron.training.loop import DataStream, lr_factor
 
@@ -134,6 +134,11 @@ def test_lora_merge_reproduces_the_adapted_model(files, tmp_path):
     with pytest.raises(DiffutronError) as err:
         cli_main_raise(["merge", str(out), "--output", str(tmp_path / "merged")])
     assert "not empty" in str(err.value)
+    # full fine-tuning may start from the unmerged adapter: merged in memory, then every layer trains
+    train(pretrain_config(files, tmp_path / "full", model=str(out), max_steps=2, eval_at_start=False))
+    start, tuned = weights(tmp_path / "merged"), weights(tmp_path / "full")
+    layers = [k for k in start if k.endswith("Wqkv.weight")]
+    assert layers and all(not torch.equal(start[k], tuned[k]) for k in layers)
 
 
 def cli_main_raise(argv):
@@ -148,8 +153,7 @@ def cli_main_raise(argv):
     ("modernbert", False, False, "elbo"), ("modernbert", True, True, "elbo"), ("bert", False, True, "elbo"),
     ("modernbert", False, True, "flat")])
 def test_fused_loss_equals_mdlm_loss_in_value_and_gradients(arch, lora, weighted, weighting):
-    from diffutron.objective import mdlm_loss
-    from diffutron.training.fused_loss import _fused_output, fused_mdlm_loss, output_layer
+    from diffutron.objective import _fused_output, fused_mdlm_loss, mdlm_loss, output_layer
 
     tok = tiny_tokenizer()
     model = tiny_model(tok, arch=arch, seed=3).eval()  # no dropout: both losses see the same network
@@ -176,15 +180,15 @@ def test_fused_loss_equals_mdlm_loss_in_value_and_gradients(arch, lora, weighted
     for n in ref_g:
         assert torch.allclose(ref_g[n], got_g[n], atol=1e-6, rtol=1e-4), n
     # chunked: tiny chunks give the same result
-    import diffutron.training.fused_loss as fl
+    from diffutron import objective
 
-    old = fl._CHUNK_ELEMENTS
-    fl._CHUNK_ELEMENTS = len(tok) * 2  # two rows per chunk
+    old = objective._CHUNK_ELEMENTS
+    objective._CHUNK_ELEMENTS = len(tok) * 2  # two rows per chunk
     try:
         again = fused_mdlm_loss(model, ids, maskable, mask_token_id=tok.mask_token_id, attention_mask=att, t=t,
                                 noise_mask=noise, target_weight=weight, weighting=weighting)
     finally:
-        fl._CHUNK_ELEMENTS = old
+        objective._CHUNK_ELEMENTS = old
     assert again.item() == pytest.approx(ref, rel=1e-5)
     # nothing masked: an exact zero that still reaches every trainable parameter
     model.zero_grad(set_to_none=True)
@@ -381,6 +385,17 @@ def test_resume_refuses_other_settings(files, tmp_path):
         train(replace(cfg, lr=3e-2), resume=True)
     assert train(cfg, resume=True).resumed_from == 4
     assert (out / "train_state.json").is_file()
+
+
+def test_one_list_of_settings_that_may_change_on_resume():
+    """The loop's resume check and the recipe's note on a finished stage compare configs alike."""
+    before = TrainConfig(data=DataConfig(train="a.jsonl")).to_dict()
+    now = replace(TrainConfig(data=DataConfig(train="a.jsonl", max_length=64, cache=False)), lr=3e-2, log_every=1,
+                  fused_loss_impl="v2", output_dir="elsewhere").to_dict()
+    assert changed_settings(before, now) == [("data.max_length", None, 64), ("lr", before["lr"], 3e-2)]
+    assert {"log_every", "fused_loss_impl", "output_dir", "data.cache"} <= RESUME_FREE
+    fields = set(TrainConfig.__dataclass_fields__) | {f"data.{k}" for k in DataConfig.__dataclass_fields__}
+    assert RESUME_FREE <= fields  # every name is a setting
 
 
 def test_bf16_mixed_precision_runs_on_cpu(files, tmp_path):

@@ -1,8 +1,11 @@
-"""The encoder behind a diffusion LM: loading, the chat template, and logits at chosen positions.
+"""The encoder behind a diffusion LM: loading, the tokenizer's special ids, the chat template, and
+logits at chosen positions.
 
 Everything model-specific lives here, so the objective, the sampler, the likelihood estimator
 and the server share one forward helper, :func:`logits_at`, which runs the encoder over the
-whole canvas but the (256k-wide) MLM head only at the positions that will be read.
+whole canvas but the (256k-wide) MLM head only at the positions that will be read, and one rule
+each for the end-of-text id, the pad id and right-padding ragged rows (:func:`end_of_text_id`,
+:func:`pad_token_id`, :func:`right_pad`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -118,6 +122,53 @@ def check_tokenizer(tokenizer, where: str = "the tokenizer") -> None:
             f"{where} has no mask token; a masked diffusion LM needs one "
             "(add it with tokenizer.add_special_tokens({'mask_token': '[MASK]'}) and resize the embeddings)"
         )
+
+
+def end_of_text_id(tokenizer) -> int | None:
+    """The id that ends a text: EOS, else SEP (BERT-style tokenizers), else None. Pre-training
+    appends it to every document; the sampler stops at it."""
+    for tid in (tokenizer.eos_token_id, tokenizer.sep_token_id):
+        if tid is not None:
+            return int(tid)
+    return None
+
+
+def choose_pad_id(pad: int | None, end_of_text: int | None, mask: int | None) -> int:
+    """The padding rule on ids: ``pad``, else ``end_of_text``, else ``mask`` (see pad_token_id).
+
+    Raises:
+        DiffutronError: all three are None.
+    """
+    for tid in (pad, end_of_text, mask):
+        if tid is not None:
+            return int(tid)
+    raise DiffutronError("the tokenizer has no pad, EOS or SEP token to pad with")
+
+
+def pad_token_id(tokenizer, *, mask_fallback: bool = True) -> int:
+    """The id that pads ragged rows: the pad token, else the end of text (EOS, then SEP), else the
+    mask token. Padding is never attended, and sampled answers are cut before it, so any id works
+    there; training data trains its padding as a target (``pad_as_target``), where the mask token
+    would make no sense, so it passes ``mask_fallback=False``.
+
+    Raises:
+        DiffutronError: the tokenizer has none of these tokens.
+    """
+    mask = tokenizer.mask_token_id if mask_fallback else None
+    return choose_pad_id(tokenizer.pad_token_id, end_of_text_id(tokenizer), mask)
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged id lists as ``(input_ids, attention_mask)``, LongTensors [B, longest row]: each row
+    left-aligned and filled up with ``pad_id``, the mask 1 on its real tokens; on ``device``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        att[r, : len(row)] = 1
+    return ids.to(device), att.to(device)
 
 
 def stop_token_sequences(tokenizer) -> list[list[int]]:

@@ -171,13 +171,13 @@ class DiffusionLM:
 
     @property
     def eos_token_id(self) -> int | None:
-        tok = self.tokenizer
-        return tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        """The end of text: EOS, else SEP (``backbone.end_of_text_id``)."""
+        return backbone.end_of_text_id(self.tokenizer)
 
     @property
     def pad_token_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else (self.eos_token_id or self.mask_token_id)
+        """Pad, else the end of text, else the mask token (``backbone.pad_token_id``)."""
+        return backbone.pad_token_id(self.tokenizer)
 
     # ------------------------------------------------------------------------------ prompts
     def render(self, prompt: Prompt, *, chat: bool = True) -> str:
@@ -230,14 +230,8 @@ class DiffusionLM:
             )
 
     def batch(self, token_lists: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded ``(input_ids, attention_mask)`` on the model's device."""
-        width = max(len(t) for t in token_lists)
-        ids = torch.full((len(token_lists), width), self.pad_token_id, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for r, t in enumerate(token_lists):
-            ids[r, : len(t)] = torch.tensor(list(t), dtype=torch.long)
-            att[r, : len(t)] = 1
-        return ids.to(self.device), att.to(self.device)
+        """Right-padded ``(input_ids, attention_mask)`` on the model's device (``backbone.right_pad``)."""
+        return backbone.right_pad(token_lists, self.pad_token_id, self.device)
 
     # ------------------------------------------------------------------------------ generation
     def generate(

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-
-from ..errors import DiffutronError
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -19,23 +16,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_lm(args: argparse.Namespace):
-    """The ``DiffusionLM`` named by ``--model``; the embedded default when omitted.
+    """The ``DiffusionLM`` named by ``--model``; the embedded default (shipped in the package) when
+    omitted."""
+    from ..lm import DiffusionLM
 
-    Until an embedded model is installed, falls back to a tiny random model built on the spot
-    and says so on stderr.
-    """
-    from ..lm import DiffusionLM, default_model_path
-
-    name = getattr(args, "model", None)
-    kwargs = dict(device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", None),
-                  trust_remote_code=getattr(args, "trust_remote_code", False))
-    if name is None:
-        try:
-            name = default_model_path()
-        except DiffutronError:
-            from ..tiny import tiny_lm
-
-            print("diffutron: no embedded model in this installation yet: using a tiny RANDOM model built "
-                  "on the spot (its text is noise); pass --model DIR for a real one", file=sys.stderr)
-            return tiny_lm()
-    return DiffusionLM.from_pretrained(name, **kwargs)
+    return DiffusionLM.from_pretrained(getattr(args, "model", None), device=getattr(args, "device", "auto"),
+                                       dtype=getattr(args, "dtype", None),
+                                       trust_remote_code=getattr(args, "trust_remote_code", False))

@@ -11,43 +11,14 @@ from pathlib import Path
 from ..backbone import FAST_MODES
 from ..errors import DiffutronError
 from ..outputs import check_output_file
-from ..sampling import CACHES, REMASKING, RNGS, SamplerConfig
+from ..sampling import SamplerConfig
 from ._common import add_model_args, load_lm
+from ._sampler import add_sampler_flags, sampler_overrides
 
 
 def add_sampler_args(parser: argparse.ArgumentParser) -> None:
-    """Sampler flags; each defaults to the paper's setting (see ``SamplerConfig``)."""
-    d = SamplerConfig()
-    g = parser.add_argument_group("sampler (defaults: the Diffutron paper's settings)")
-    g.add_argument("--steps", type=int, default=d.steps, help=f"denoising steps in total (default {d.steps})")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"answer length in tokens (default {d.max_new_tokens})")
-    g.add_argument("--block-length", type=int, default=d.block_length, help=f"tokens per block (default {d.block_length})")
-    g.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy (default {d.temperature})")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass (1 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help=f"(default {d.repetition_penalty}; 1 = off)")
-    g.add_argument("--remasking", choices=REMASKING, default=d.remasking, help="confidence rule that picks what to commit")
-    g.add_argument("--threshold", type=float, default=None, help="also commit every position at least this confident (e.g. 0.9)")
-    g.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance (0 = off)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0: runs reproduce)")
-    g.add_argument("--rng", choices=RNGS, default=d.rng,
-                   help="keyed (default): each row draws from its own seeded stream, so a row decodes the same "
-                        "in any batch; reference: draw as the authors' generator does (one stream seeded with "
-                        "--seed, [batch, canvas, vocabulary] float64 uniforms per step), to reproduce a seeded "
-                        "run of it token for token on CPU; runs on the eager loop")
-    g.add_argument("--no-stop", action="store_true", help="decode every block even after the answer ended")
-    g.add_argument("--fast", action="store_true",
-                   help="approximate but faster: bf16 weights on a GPU, int8 dynamic quantization on a CPU "
-                        "(--fast-mode picks), and the delayed cache unless --cache says otherwise")
-    g.add_argument("--fast-mode", choices=FAST_MODES, default=None,
-                   help="the weights of --fast whatever the device (implies --fast; int8 runs on CPU only)")
-    g.add_argument("--cache", choices=CACHES, default=None,
-                   help="dual: a block's later steps run only its own tokens against keys and values stored at "
-                        "the block's start (approximate, ModernBERT); delayed: dual, and each step runs only the "
-                        "block's masks and newly committed tokens (default with --fast); none: exact (default)")
-    g.add_argument("--cache-refresh", type=int, default=0, metavar="R",
-                   help="with a cache, also refresh it after every R window steps (default 0: only when a block "
-                        "starts); fresher, slower")
+    """Sampler flags (one per ``SamplerConfig`` field, see ``_sampler``) and ``--fast`` / ``--fast-mode``."""
+    add_sampler_flags(parser, "sampler (defaults: the Diffutron paper's settings)")
 
 
 def add_compile_arg(parser, default_help: str) -> None:
@@ -72,13 +43,8 @@ def compile_report(lm) -> None:
 
 
 def sampler_config(args: argparse.Namespace) -> SamplerConfig:
-    return SamplerConfig(
-        max_new_tokens=args.max_new_tokens, steps=args.steps, block_length=args.block_length,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, remasking=args.remasking, threshold=args.threshold,
-        cfg_scale=args.cfg_scale, stop_at_eos=not args.no_stop, seed=args.seed,
-        cache=args.cache or "none", cache_refresh=args.cache_refresh, rng=args.rng,
-    )
+    """The settings the flags ask for (``--cache`` not given: none, until ``fast_setup``)."""
+    return SamplerConfig(**sampler_overrides(args))
 
 
 def fast_setup(args, lm, config: SamplerConfig) -> SamplerConfig:

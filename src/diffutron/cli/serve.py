@@ -7,10 +7,21 @@ import os
 import socket
 import sys
 
-from ..backbone import FAST_MODES
 from ..errors import DiffutronError
-from ..sampling import CACHES
+from ..sampling import SamplerConfig
+from ..serve import limits as serve_limits
 from ._common import add_model_args, load_lm
+from ._sampler import add_sampler_flags, flag_name, sampler_overrides
+
+# SamplerConfig fields each request settles, not the server: it always ends an answer where the
+# answer ends (the row goes to the next request), and rows of many requests share a batch, each
+# row drawing from its own keyed stream (rng="keyed")
+PER_REQUEST = ("stop_at_eos", "rng")
+SERVER_NOTES = {
+    "steps": "a request that sets max_tokens without steps keeps these defaults' tokens per step",
+    "cache": "requests with cfg_scale decode exactly",
+    "seed": "the seed the web page sends (turn N: seed + N); an API request without a seed gets a random one",
+}
 
 
 def register(sub) -> None:
@@ -18,44 +29,43 @@ def register(sub) -> None:
         "serve", help="OpenAI-compatible HTTP server (batching, streaming) with a live denoising web page",
         description="Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /health, "
                     "and a web page at / that shows the answer denoising. Sampler settings default to the "
-                    "paper's; requests override them per call.",
+                    "paper's (or the flags below); requests override them per call. Not server settings: "
+                    f"{', '.join(flag_name(f) for f in PER_REQUEST)} (an answer always ends where it ends; "
+                    "each row of a shared batch draws from its own keyed stream).",
     )
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
     p.add_argument("--served-model-name", default=None,
                    help="model id clients send as `model` (default: the model directory's name)")
     p.add_argument("--api-key", default=os.environ.get("DIFFUTRON_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DIFFUTRON_API_KEY, else none)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser calls from this origin (repeatable; e.g. http://localhost:3000)")
-    p.add_argument("--fast", action="store_true",
-                   help="approximate but faster weights: bf16 on a GPU, int8 dynamic quantization on a CPU "
-                        "(--fast-mode picks), and the delayed cache unless --cache says otherwise")
-    p.add_argument("--fast-mode", choices=FAST_MODES, default=None,
-                   help="the weights of --fast whatever the device (implies --fast; int8 runs on CPU only)")
-    p.add_argument("--cache", choices=CACHES, default=None,
-                   help="key/value reuse for requests without cfg_scale (ModernBERT): delayed (default with --fast), "
-                        "dual (Fast-dLLM's DualCache alone) or none (exact; the default)")
-    p.add_argument("--cache-refresh", type=int, default=0, metavar="R",
-                   help="with a cache, also refresh it after every R window steps (default 0: only when a block "
-                        "starts)")
+    add_sampler_flags(p, "sampler defaults (the Diffutron paper's; each request may override them)",
+                      skip=PER_REQUEST, notes=SERVER_NOTES)
+    limits = serve_limits.Limits  # the defaults of Limits, the server's own settings
     g = p.add_argument_group("batching and limits")
-    g.add_argument("--max-batch-size", type=int, default=None,
+    g.add_argument("--max-batch-size", type=int, default=limits.max_batch_size,
                    help="answers decoded together; requests join a running batch at block boundaries "
-                        "(default: 128 with the model on a GPU, 16 on a CPU)")
+                        f"(default: {serve_limits.GPU_MAX_BATCH_SIZE} with the model on a GPU, "
+                        f"{serve_limits.CPU_MAX_BATCH_SIZE} on a CPU)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="decode on the compiled engine (CUDA graphs + torch.compile on a GPU), compiled and "
                         "warmed up before the port accepts requests (tens of seconds, once) "
                         "(default: on with a GPU, off on a CPU)")
-    g.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait; more get HTTP 429 (default 256)")
-    g.add_argument("--batch-wait-ms", type=float, default=20.0,
+    g.add_argument("--max-queue", type=int, default=limits.max_queue,
+                   help="requests allowed to wait; more get HTTP 429 (default %(default)s)")
+    g.add_argument("--batch-wait-ms", type=float, default=limits.batch_wait_ms,
                    help="longest wait for requests sent at about the same moment to share a batch; the batch "
-                        "starts as soon as arrivals pause for 2 ms (default 20)")
-    g.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: the context)")
-    g.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens accepted (default: the context)")
-    g.add_argument("--max-steps", type=int, default=1024, help="largest steps accepted (default 1024)")
-    g.add_argument("--max-n", type=int, default=8, help="largest n (answers per prompt) accepted (default 8)")
+                        f"starts as soon as arrivals pause for {serve_limits.QUIET_S * 1000:g} ms (default %(default)g)")
+    g.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens,
+                   help="longest prompt accepted (default: the context)")
+    g.add_argument("--max-tokens", type=int, default=limits.max_tokens,
+                   help="largest max_tokens accepted (default: the context)")
+    g.add_argument("--max-steps", type=int, default=limits.max_steps, help="largest steps accepted (default %(default)s)")
+    g.add_argument("--max-n", type=int, default=limits.max_n,
+                   help="largest n (answers per prompt) accepted (default %(default)s)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
 
@@ -72,22 +82,20 @@ def run_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
                     max_tokens=args.max_tokens, max_steps=args.max_steps, max_n=args.max_n,
                     batch_wait_ms=args.batch_wait_ms)
+    overrides = sampler_overrides(args)
+    cache = overrides.pop("cache", None)  # set with the weights below (--fast picks one when not given)
+    SamplerConfig(**overrides)  # a bad setting fails before the model loads
     sock = _bind(args.host, args.port)  # fail early, with a clear message, when the port is taken
     lm = load_lm(args)
     max_batch = args.max_batch_size
     if max_batch is None:
-        from ..serve.service import default_max_batch_size
-
-        max_batch = default_max_batch_size(lm)
+        max_batch = serve_limits.default_max_batch_size(lm)
         limits.max_batch_size = max_batch
+    lm.defaults = lm.defaults.replace(**overrides)
     if args.fast or args.fast_mode:
-        if not hasattr(lm, "make_fast"):
-            raise DiffutronError("--fast is not available in this build")
-        lm.make_fast(args.fast_mode, cache=args.cache)  # None: the device's --fast defaults
-    elif args.cache is not None:
-        lm.use_cache(args.cache)
-    if args.cache_refresh:
-        lm.defaults = lm.defaults.replace(cache_refresh=args.cache_refresh)
+        lm.make_fast(args.fast_mode, cache=cache)  # None: the device's --fast defaults
+    elif cache is not None:
+        lm.use_cache(cache)
     compile_ = lm.device.type == "cuda" if args.compile is None else args.compile
     if compile_:
         lm.compile(max_batch=max_batch)

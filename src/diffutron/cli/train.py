@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..errors import DiffutronError
 
@@ -11,7 +10,7 @@ from ..errors import DiffutronError
 def register(sub) -> None:
     p = sub.add_parser(
         "train", help="train one stage (continual pre-training or instruction tuning, full or LoRA)",
-        description="Train one stage. Settings come from --config (a stage YAML, see the README); "
+        description="Train one stage. Settings come from --config (a stage YAML, see docs/training.md); "
                     "the flags below override it. Multi-GPU: launch with torchrun or accelerate launch.")
     p.add_argument("--model", default=None, help="start model: directory, LoRA adapter directory or hub id "
                    "(default: the embedded tiny Turkish model)")
@@ -44,7 +43,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_train)
 
     r = sub.add_parser("recipe", help="run or check a multi-stage training recipe (YAML)",
-                       description="Progressive training pipelines; see the README for the YAML schema.")
+                       description="Progressive training pipelines; see docs/training.md for the YAML schema.")
     rsub = r.add_subparsers(dest="recipe_command", metavar="ACTION")
     rsub.required = True
     run = rsub.add_parser("run", help="run every stage in order (finished stages are skipped)")
@@ -87,11 +86,6 @@ def run_train(args: argparse.Namespace) -> int:
         config = apply_overrides(TrainConfig(), overrides)
     if args.model is not None and config.init is not None:
         config = config.replace(init=None)
-    if config.model is None and config.init is None:  # as every command: the embedded model by default
-        from ..lm import default_model_path
-
-        config = config.replace(model=str(default_model_path()))
-        print(f"diffutron: no --model given: training the embedded model ({config.model})", file=sys.stderr)
     train(config, resume=args.resume)
     return 0
 

@@ -188,9 +188,6 @@ def _remove_boilerplate(docs: list[Document], max_repeats: int, min_spaces: int 
 
 # --------------------------------------------------------------------------- de-duplication
 
-_MASK64 = (1 << 64) - 1
-
-
 def _shingles(text: str, n: int = 5) -> set[int]:
     """64-bit hashes (two CRC-32s, deterministic across runs) of the word ``n``-grams."""
     toks = words(tr_casefold(text))

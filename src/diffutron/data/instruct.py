@@ -44,7 +44,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..backbone import ROLES, install_chat_template
+from ..backbone import ROLES, install_chat_template, pad_token_id
 from ..errors import DiffutronError
 from .rows import Batch, ReadReport, Row, iter_rows
 
@@ -311,16 +311,14 @@ def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return perm[n_test:], perm[:n_test]
 
 
-def pad_id(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id):
-        if tid is not None:
-            return int(tid)
-    raise DiffutronError("the tokenizer has no pad, EOS or SEP token to pad answers with")
-
-
 def dataset_kwargs(cfg, tokenizer) -> dict:
-    """How an :class:`InstructDataset` of ``cfg`` (a ``DataConfig``) pads its rows."""
-    return dict(max_length=cfg.max_length or DEFAULT_MAX_LENGTH, pad_id=pad_id(tokenizer), padding=cfg.padding,
+    """How an :class:`InstructDataset` of ``cfg`` (a ``DataConfig``) pads its rows: with
+    ``backbone.pad_token_id`` (never the mask token: padding can be a training target).
+
+    Raises:
+        DiffutronError: the tokenizer has no pad, EOS or SEP token.
+    """
+    return dict(max_length=cfg.max_length or DEFAULT_MAX_LENGTH, pad_id=pad_token_id(tokenizer, mask_fallback=False), padding=cfg.padding,
                 pad_weight=cfg.pad_weight, answer_window=cfg.answer_window)
 
 

@@ -2,7 +2,8 @@
 
 As in the Diffutron reference: every document is tokenized without special tokens, gets the EOS
 token appended, all documents are concatenated and the stream is cut into ``max_length`` blocks
-(the tail that does not fill a block is dropped). Every token of a block is maskable.
+(the tail that does not fill a block is dropped). Every token of a block is maskable. The same
+packing, with the tail kept, makes the sequences of perplexity evaluation (:func:`pack_documents`).
 
 The held-out split is an explicit source (files, or a hub split) or a deterministic share of
 the documents: a document is held out when a hash of ``split_seed`` and its text falls below
@@ -20,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..backbone import end_of_text_id
 from ..errors import DiffutronError
 from .rows import Batch, ReadReport, Row, is_local, iter_rows
 
@@ -85,14 +87,6 @@ class PretrainReport:
         return "; ".join(parts)
 
 
-def eos_id(tokenizer) -> int:
-    """The token appended to each document: EOS, else SEP (BERT-style tokenizers)."""
-    tid = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    if tid is None:
-        raise DiffutronError("the tokenizer has neither an EOS nor a SEP token to end documents with")
-    return int(tid)
-
-
 def document_texts(rows: Iterable[Row], *, text_column: str, source: str, report: PretrainReport,
                    read: ReadReport, skip_bad_rows: bool) -> Iterator[str]:
     """The text of each row; rows without the text field are bad rows, empty texts are skipped."""
@@ -126,9 +120,13 @@ def heldout_by_hash(text: str, fraction: float, seed: int) -> bool:
 
 
 class _Packer:
-    """Accumulates tokenized documents (+ EOS) into one stream, cut into blocks at the end."""
+    """Accumulates tokenized documents, each + its end of text (EOS, else SEP:
+    ``backbone.end_of_text_id``), into one stream, cut into blocks at the end."""
 
-    def __init__(self, tokenizer, eos: int):
+    def __init__(self, tokenizer):
+        eos = end_of_text_id(tokenizer)
+        if eos is None:
+            raise DiffutronError("the tokenizer has neither an EOS nor a SEP token to end documents with")
         self.tokenizer = tokenizer
         self.eos = eos
         self.pending: list[str] = []
@@ -152,13 +150,37 @@ class _Packer:
         self.documents += len(self.pending)
         self.pending = []
 
-    def blocks(self, max_length: int) -> tuple[np.ndarray, int, int]:
-        """``(blocks [N, L], tokens, dropped tail tokens)``."""
+    def stream(self) -> np.ndarray:
+        """Every document added so far, in order, as one int32 stream (the packer starts empty again)."""
         self.flush()
         flat = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.int32)
         self.parts = []
+        return flat
+
+    def blocks(self, max_length: int) -> tuple[np.ndarray, int, int]:
+        """``(blocks [N, L], tokens, dropped tail tokens)``."""
+        flat = self.stream()
         n = len(flat) // max_length
         return flat[: n * max_length].reshape(n, max_length), int(len(flat)), int(len(flat) - n * max_length)
+
+
+def pack_documents(tokenizer, texts: Iterable[str], max_length: int, *, keep_tail: bool = False) -> list[list[int]]:
+    """The sequences pre-training cuts from ``texts``: each text without special tokens + EOS (else
+    SEP), concatenated, cut into ``max_length`` pieces. The tail that does not fill a piece is
+    dropped, as in training, or with ``keep_tail`` kept as a last, shorter sequence (evaluation
+    drops no text).
+
+    Raises:
+        DiffutronError: ``max_length`` below 2, or a tokenizer with neither EOS nor SEP.
+    """
+    if max_length < 2:
+        raise DiffutronError(f"invalid max_length={max_length}: must be >= 2")
+    packer = _Packer(tokenizer)
+    for text in texts:
+        packer.add(text)
+    stream = packer.stream().tolist()
+    end = len(stream) if keep_tail else len(stream) - len(stream) % max_length
+    return [stream[i : i + max_length] for i in range(0, end, max_length)]
 
 
 def build_pretrain(tokenizer, cfg) -> tuple[PackedDataset, PackedDataset | None, PretrainReport]:
@@ -174,8 +196,7 @@ def build_pretrain(tokenizer, cfg) -> tuple[PackedDataset, PackedDataset | None,
         cfg = replace(cfg, max_length=DEFAULT_MAX_LENGTH)
     report = PretrainReport()
     read = ReadReport()
-    eos = eos_id(tokenizer)
-    train_packer, held_packer = _Packer(tokenizer, eos), _Packer(tokenizer, eos)
+    train_packer, held_packer = _Packer(tokenizer), _Packer(tokenizer)
     explicit_heldout = cfg.heldout is not None or cfg.heldout_split is not None
     fraction = 0.0 if explicit_heldout else (
         DEFAULT_HELDOUT_FRACTION if cfg.heldout_fraction is None else cfg.heldout_fraction)

@@ -5,12 +5,12 @@ extra and is not imported here.
 """
 
 from .metrics import f1_binary, f1_macro, score_task
-from .perplexity import pack, read_texts, run_perplexity
+from .perplexity import read_texts, run_perplexity
 from .runner import CetvelConfig, format_table, prepare_cetvel, run_cetvel
 from .tasks import TASK_NAMES, TASKS, Example, Task, get_tasks, load_task
 
 __all__ = [
     "CetvelConfig", "Example", "Task", "TASKS", "TASK_NAMES", "f1_binary", "f1_macro", "format_table",
-    "get_tasks", "load_task", "pack", "prepare_cetvel", "read_texts", "run_cetvel", "run_perplexity",
+    "get_tasks", "load_task", "prepare_cetvel", "read_texts", "run_cetvel", "run_perplexity",
     "score_task",
 ]

@@ -29,7 +29,7 @@ model's defaults. The reference adapter's names are accepted too: ``max_new_toke
 ``max_gen_toks``), ``cfg`` (= ``cfg_scale``), ``mc_num`` (= ``mc_samples``), ``is_check_greedy``
 (= ``check_greedy``). lm-eval's ``--batch_size`` is the number of rows per forward pass (use 32;
 its default 1 is slow). Where this adapter differs from the reference's (dLLM's ``bert`` model):
-README, "lm-eval adapter".
+docs/evaluation.md, "lm-eval adapter".
 """
 
 from __future__ import annotations
@@ -199,7 +199,8 @@ class DiffutronLMEval(LM):
         ctx = lm.context_length
         # the prompt's tokens, cut from the left so that prompt + answer fit the context
         token_lists = [lm.encode(c)[-(ctx - max_new):] if c else [] for c in contexts]
-        token_lists = [t if t else [lm.eos_token_id or lm.pad_token_id] for t in token_lists]
+        empty = lm.pad_token_id if lm.eos_token_id is None else lm.eos_token_id  # an id of 0 counts
+        token_lists = [t if t else [empty] for t in token_lists]
         stops = lm.stop_sequences + [ids for u in until for ids in _token_stops(lm, u)]
         result = lm.generate_ids(token_lists, config, stop_sequences=stops)
         texts = [c.text for c in lm.completions(result, token_lists, stops)]
@@ -277,7 +278,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if command == "run" and not any(a == "--model" or a.startswith("--model=") for a in args):
         args = ["--model", "diffutron", *args]
     sys.argv = ["lm-eval", command, *args]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ValueError as err:  # lm-eval's own refusals of its arguments: one line, not a traceback
+        if not str(err).startswith(_ARGUMENT_ERRORS):
+            raise
+        raise DiffutronError(f"lm-eval: {err} (check --tasks and --include_path; `diffutron eval lm-eval ls "
+                             "tasks` lists the tasks it can find)") from None
+
+
+# How lm-eval 0.4's argument checks begin their ValueErrors (config/evaluate_config.py, _cli/utils.py).
+_ARGUMENT_ERRORS = ("Tasks not found", "No tasks specified", "Invalid JSON", "Either 'limit' or 'samples'",
+                    "expected `key=value`", "Argument requires")
 
 
 if __name__ == "__main__":  # pragma: no cover

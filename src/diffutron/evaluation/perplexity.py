@@ -1,8 +1,9 @@
 """``diffutron eval perplexity``: texts -> sequences as in pre-training -> the ELBO perplexity bound.
 
 Documents are tokenized without special tokens, each gets the EOS token, they are concatenated
-and cut into sequences of the model's context length, as in pre-training (the last, shorter
-sequence is kept: evaluation drops no text). The bound itself is
+and cut into sequences of the model's context length, as in pre-training, by pre-training's own
+packer (``data.pretrain.pack_documents``; the last, shorter sequence is kept: evaluation drops no
+text). The bound itself is
 :func:`diffutron.likelihood.elbo_perplexity`; words are counted with ``diffutron.text``.
 """
 
@@ -12,6 +13,7 @@ import csv
 import json
 from pathlib import Path
 
+from ..data.pretrain import pack_documents
 from ..errors import DiffutronError
 from ..likelihood import PerplexityResult, elbo_perplexity
 from ..text import count_words
@@ -117,21 +119,6 @@ def _read_hub(spec: str, column: str, split: str, config: str | None) -> tuple[l
     return ds[column], {"kind": "hub", "location": location, "fingerprint": getattr(ds, "_fingerprint", None)}
 
 
-def pack(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Pre-training's sequences: each text without special tokens + EOS, concatenated, cut into
-    ``max_length`` pieces (the last one may be shorter)."""
-    if max_length < 2:
-        raise DiffutronError(f"invalid max_length={max_length}: must be >= 2")
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    if eos is None:
-        raise DiffutronError("the tokenizer has neither an EOS nor a SEP token to end documents with")
-    stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
-        stream.extend(ids)
-        stream.append(eos)
-    return [stream[i : i + max_length] for i in range(0, len(stream), max_length)]
-
-
 def run_perplexity(
     lm,
     data: str,
@@ -155,7 +142,7 @@ def run_perplexity(
     length = max_length or lm.context_length
     if length > lm.context_length:
         raise DiffutronError(f"--max-length {length} exceeds the model's context of {lm.context_length} tokens")
-    sequences = pack(lm.tokenizer, texts, length)
+    sequences = pack_documents(lm.tokenizer, texts, length, keep_tail=True)
     words = sum(count_words(t) for t in texts)
     result = elbo_perplexity(
         lm.model, sequences, mask_token_id=lm.mask_token_id, seed=seed, mc_samples=mc_samples,

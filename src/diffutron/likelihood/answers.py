@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backbone import context_length, logits_at
+from ..backbone import context_length, logits_at, pad_token_id, right_pad
 from ..errors import DiffutronError
-from ._common import _batch, _check_int, _device, _pad_id, _progress
+from ._common import _check_int, _device, _progress
 
 METHODS = ("empty", "exact", "enumerated", "monte_carlo")
 
@@ -216,7 +216,7 @@ def loglikelihood_ids(
             canvas.reads.append((i, weight, k, [seq[p] for p in positions]))
 
     # 2. forward passes, logits only at masked positions
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     was_training = model.training
     model.eval()
     try:
@@ -285,7 +285,7 @@ def _chunks(canvases: list[_Canvas], batch_size: int, max_masked: int) -> list[l
 def _score_chunk(model, chunk: list[_Canvas], pairs: list[_Pair], *, pad_id: int) -> None:
     device = _device(model)
     # 1. the canvases, right-padded  [b, L]; the masked positions  [b, L]
-    ids, att = _batch([c.ids for c in chunk], pad_id, device)
+    ids, att = right_pad([c.ids for c in chunk], pad_id, device)
     positions = torch.zeros_like(ids, dtype=torch.bool)
     for r, c in enumerate(chunk):
         positions[r, c.masked] = True
@@ -336,7 +336,7 @@ def _greedy_check(model, states: list[_Pair], *, mask_id: int, pad_id: int, batc
             remaining.append(list(range(s.start, s.start + s.tokens)))
         active = list(range(len(group)))
         while active:
-            ids, att = _batch([canvases[r] for r in active], pad_id, device)
+            ids, att = right_pad([canvases[r] for r in active], pad_id, device)
             positions = torch.zeros_like(ids, dtype=torch.bool)
             for b, r in enumerate(active):
                 positions[b, remaining[r]] = True

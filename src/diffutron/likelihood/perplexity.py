@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..backbone import logits_at
+from ..backbone import logits_at, right_pad
 from ..errors import DiffutronError
 from ..objective import draw_noise
 from ..schedules import get_schedule, sample_t
-from ._common import _batch, _check_int, _device, _progress
+from ._common import _check_int, _device, _progress
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -252,7 +252,7 @@ def _ce_rows(model, rows, sums, pad_id: int, max_masked: int) -> None:
     groups.append(current)
     device = _device(model)
     for group in groups:
-        ids, att = _batch([r[2] for r in group], pad_id, device)
+        ids, att = right_pad([r[2] for r in group], pad_id, device)
         positions = torch.zeros_like(ids, dtype=torch.bool)
         for b, r in enumerate(group):
             positions[b, r[3]] = True

@@ -7,7 +7,7 @@ to freshly computed keys and values inside the block and to the stored ones ever
 (prompt, earlier blocks, the masks after the block). Only tokens inside the block change
 during the block, so what is stale is how the rest of the canvas would have re-read them:
 the outputs differ from exact decoding, while a step costs about block_length / canvas of a
-full forward. Measured agreement and speed are in the README (benchmarks/sampler.py).
+full forward. Measured agreement and speed are in docs/benchmarks.md (benchmarks/sampler.py).
 
 ``delayed`` (dKV-Cache's one-step delay, inside the dual cache) narrows each step further: a
 committed token's keys and values are computed once, in the step after it was committed (the
@@ -16,7 +16,9 @@ runs only the block's masks and its newly committed tokens, about half a block o
 
 The layer loop below is ModernBERT's own forward written out over the model's modules (so the
 weights, rotary tables, local/global attention windows, bf16 or int8 layers are the model's);
-``tests/test_sampler.py`` checks that a refresh forward equals the model's logits.
+``tests/test_sampler.py`` checks that a refresh forward equals the model's logits. It calls
+internals of recent transformers' ModernBERT; with an older one, :func:`check_internals` refuses
+the cache in one line naming the version needed, and decoding without the cache still runs.
 
 Keys and values live in one preallocated buffer per layer, [slots, heads, width + 1, head_dim]:
 a canvas row is a slot, and the last column is scratch (never attended), where the padding
@@ -27,11 +29,40 @@ graphs; the eager loop passes subsets of rows.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
 from ..backbone import is_modernbert, modernbert_head, modernbert_masks, unwrap
 from ..errors import DiffutronError
+
+# The transformers this package needs (pyproject.toml). 5.0's ModernBERT brought the per-layer-type
+# rotary embeddings the layer loop below calls (``config.layer_types``, ``rotary_emb(x, positions,
+# layer_type)``, each layer's ``attention_type``); 5.1's attention takes the prepared per-type masks
+# of ``backbone.modernbert_logits_at`` (what the engine runs).
+TRANSFORMERS_NEEDED = "5.1"
+
+
+def check_internals(model: torch.nn.Module, cache: str = "dual") -> None:
+    """A ModernBERT masked LM with the internals the cache's layer loop calls, or a one-line error.
+
+    Raises:
+        DiffutronError: an older transformers' ModernBERT (the plain, uncached path still runs).
+    """
+    inner = unwrap(model)
+    encoder = getattr(inner, "model", None)
+    rotary = getattr(encoder, "rotary_emb", None)
+    layers = getattr(encoder, "layers", None) or []
+    ok = (isinstance(getattr(getattr(inner, "config", None), "layer_types", None), (list, tuple))
+          and callable(rotary) and "layer_type" in inspect.signature(rotary.forward).parameters
+          and len(layers) > 0 and all(hasattr(layer, "attention_type") for layer in layers))
+    if not ok:
+        import transformers
+
+        raise DiffutronError(f"cache={cache!r} needs the ModernBERT of transformers >= {TRANSFORMERS_NEEDED} "
+                             f"(per-layer-type rotary embeddings), this is transformers {transformers.__version__}: "
+                             "upgrade it, or use cache='none'")
 
 
 class DualCache:
@@ -47,6 +78,7 @@ class DualCache:
             raise DiffutronError(f"cache='{'delayed' if delayed else 'dual'}' supports ModernBERT masked LMs only, "
                                  f"not {type(inner).__name__}: "
                                  "use cache='none'")
+        check_internals(inner, "delayed" if delayed else "dual")
         from transformers.models.modernbert.modeling_modernbert import apply_rotary_pos_emb
 
         self.mlm, self.encoder, self.rotate = inner, inner.model, apply_rotary_pos_emb

@@ -12,9 +12,21 @@ CACHES = ("none", "dual", "delayed")
 RNGS = ("keyed", "reference")
 
 
+def _flag(help: str, **cli) -> dict:
+    """A field's command-line flag, read by ``diffutron.cli._sampler`` (generate, chat, serve):
+    ``help`` (the default is appended), and where the field's own type and name do not say it,
+    ``type``, ``flag`` (a bool's flag flips its default), ``choices``, ``metavar``, ``shown`` (the
+    default as help states it) and ``unset`` (the flag defaults to None: not given, the field's
+    default or --fast's choice applies)."""
+    return {"cli": {"help": help, **cli}}
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """Settings of semi-autoregressive block denoising (defaults: the Diffutron paper's).
+
+    Each field's metadata describes its command-line flag (``_flag``), so the flags of
+    ``diffutron generate``, ``chat`` and ``serve`` follow this class.
 
     Attributes:
         max_new_tokens: masks appended after each prompt (0 allowed when the input holds masks).
@@ -50,21 +62,35 @@ class SamplerConfig:
             declines it); it costs drawing [B, width, V] numbers every step.
     """
 
-    max_new_tokens: int = 64
-    steps: int = 64
-    block_length: int = 32
-    temperature: float = 0.1
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.2
-    remasking: str = "low_confidence"
-    threshold: float | None = None
-    cfg_scale: float = 0.0
-    stop_at_eos: bool = True
-    cache: str = "none"
-    cache_refresh: int = 0
-    seed: int | tuple[int, ...] = 0
-    rng: str = "keyed"
+    max_new_tokens: int = field(default=64, metadata=_flag("answer length in tokens"))
+    steps: int = field(default=64, metadata=_flag("denoising steps in total"))
+    block_length: int = field(default=32, metadata=_flag("tokens per block"))
+    temperature: float = field(default=0.1, metadata=_flag("0 = greedy"))
+    top_k: int = field(default=0, metadata=_flag("sample among the k most likely tokens; 0 = off"))
+    top_p: float = field(default=1.0, metadata=_flag("nucleus sampling mass; 1 = off"))
+    repetition_penalty: float = field(default=1.2, metadata=_flag(
+        "penalise every token already on the canvas; 1 = off"))
+    remasking: str = field(default="low_confidence", metadata=_flag(
+        "confidence rule that picks what to commit", choices=REMASKING))
+    threshold: float | None = field(default=None, metadata=_flag(
+        "also commit every position at least this confident, e.g. 0.9", type=float, shown="off"))
+    cfg_scale: float = field(default=0.0, metadata=_flag("classifier-free guidance; 0 = off"))
+    stop_at_eos: bool = field(default=True, metadata=_flag(
+        "decode every block even after the answer ended", flag="--no-stop"))
+    cache: str = field(default="none", metadata=_flag(
+        "dual: a block's later steps run only its own tokens against keys and values stored at the block's "
+        "start (approximate, ModernBERT); delayed: dual, and each step runs only the block's masks and newly "
+        "committed tokens; none: exact", choices=CACHES, unset=True, shown="none, or --fast's"))
+    cache_refresh: int = field(default=0, metadata=_flag(
+        "with a cache, also refresh it after every R window steps, fresher but slower; 0: only when a block "
+        "starts", metavar="R"))
+    seed: int | tuple[int, ...] = field(default=0, metadata=_flag(
+        "random seed: runs with the same seed reproduce", type=int))
+    rng: str = field(default="keyed", metadata=_flag(
+        "keyed: each row draws from its own seeded stream, so a row decodes the same in any batch; "
+        "reference: draw as the authors' generator does (one stream seeded with --seed, [batch, canvas, "
+        "vocabulary] float64 uniforms per step), to reproduce a seeded run of it token for token on CPU; "
+        "runs on the eager loop", choices=RNGS))
 
     def __post_init__(self) -> None:
         def bad(name: str, value, allowed: str) -> DiffutronError:

@@ -2,11 +2,22 @@
 
 Layout (as vLLM's OpenAI server): ``protocol.py`` pydantic schemas, ``scheduler.py`` batching
 and the sampler thread, ``service.py`` request -> sampler settings -> response (no HTTP),
-``app.py`` the FastAPI routes, ``static/`` the web page. Needs the ``serve`` extra
-(``pip install diffutron[serve]``); start it with ``diffutron serve``.
+``app.py`` the FastAPI routes, ``static/`` the web page, ``limits.py`` the server's limits and
+batching constants. Needs the ``serve`` extra (``pip install diffutron[serve]``); start it with
+``diffutron serve``. Only ``limits`` loads without the extra (``serve --help`` states its values):
+the rest is imported when first used.
 """
 
-from .app import create_app, serve_in_thread
-from .service import Limits, OpenAIService, ServiceError
+from importlib import import_module
+
+from .limits import Limits
+
+_LAZY = {"create_app": "app", "serve_in_thread": "app", "OpenAIService": "service", "ServiceError": "service"}
 
 __all__ = ["create_app", "serve_in_thread", "Limits", "OpenAIService", "ServiceError"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -60,11 +60,11 @@ from ..errors import DiffutronError
 from ..lm import Completion, DiffusionLM
 from ..sampling import GenerationOutput, SamplerConfig, find_stop, partial_stop_len
 from ..sampling import engine as engines
+from .limits import QUIET_S
 
 log = logging.getLogger("diffutron.serve")
 
 
-QUIET_S = 0.005  # a pause in arrivals this long ends the wait for more requests
 MAX_ENGINES = 4  # sampler configurations whose engines (buffers, graphs) are kept
 SWITCH_S = 0.0005  # Python's thread switch interval while serving from a GPU
 

@@ -21,6 +21,7 @@ from ..lm import Completion, DiffusionLM
 from ..sampling import SamplerConfig
 from ..sampling.engine import supports
 from . import protocol as P
+from .limits import Limits, default_max_batch_size
 from .scheduler import DenoiseState, Failed, Finished, Job, QueueFull, Scheduler, TextDelta
 
 
@@ -37,36 +38,6 @@ class ServiceError(Exception):
     def body(self) -> dict:
         return P.ErrorResponse(error=P.ErrorInfo(message=self.message, type=self.type, param=self.param,
                                                  code=self.code)).model_dump()
-
-
-def default_max_batch_size(lm: DiffusionLM) -> int:
-    """Answers decoded together when not set: 128 with the model on a GPU, 16 on a CPU."""
-    return 16 if lm.device.type == "cpu" else 128
-
-
-@dataclass
-class Limits:
-    """Request limits of one server (``None`` = the model's context length; ``max_batch_size``
-    ``None`` = ``default_max_batch_size``: 128 on a GPU, 16 on a CPU)."""
-
-    max_batch_size: int | None = None
-    max_queue: int = 256
-    max_prompt_tokens: int | None = None
-    max_tokens: int | None = None
-    max_steps: int = 1024
-    max_n: int = 8
-    batch_wait_ms: float = 20.0
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_steps", "max_n"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise DiffutronError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_prompt_tokens", "max_tokens"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise DiffutronError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        if self.batch_wait_ms < 0:
-            raise DiffutronError(f"--batch-wait-ms must be >= 0, got {self.batch_wait_ms}")
 
 
 @dataclass

@@ -10,8 +10,9 @@
         draws: 4                              # noise draws per sequence (fixed seed)
 
 - **Held-out ELBO perplexity per word**: ``likelihood.elbo_perplexity`` on the documents of
-  ``perplexity_data`` packed as in pre-training (``evaluation.perplexity.pack``), the summed bound
-  divided by the number of words (``diffutron.text.count_words``), so that no tokenizer can game it.
+  ``perplexity_data`` packed as in pre-training (``data.pretrain.pack_documents``, the tail kept),
+  the summed bound divided by the number of words (``diffutron.text.count_words``), so that no
+  tokenizer can game it.
 - **Answers to the fixed prompt set** at the paper's sampler settings (64 new tokens, 64 steps,
   blocks of 32, temperature 0.1, repetition penalty 1.2, seed 0): their Turkish-word share
   (``data.lexicon.turkish_word_share``), their lengths in words and the share of distinct words.
@@ -30,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from ..data.pretrain import pack_documents
 from ..errors import DiffutronError
 from ..text import count_words, tr_lower, words
 
@@ -130,12 +132,11 @@ def perplexity_per_word(lm, data: str | Path, *, max_length: int = 128, draws: i
     Documents are packed as in pre-training (each + EOS, concatenated, cut at ``max_length``).
     Returns the :class:`~diffutron.likelihood.PerplexityResult` as a dict plus ``documents``.
     """
-    from ..evaluation.perplexity import pack
     from ..likelihood import elbo_perplexity
 
     texts = _texts(data, max_documents)
     length = min(max_length, lm.context_length)
-    sequences = pack(lm.tokenizer, texts, length)
+    sequences = pack_documents(lm.tokenizer, texts, length, keep_tail=True)
     result = elbo_perplexity(lm.model, sequences, mask_token_id=lm.mask_token_id, seed=seed, mc_samples=draws,
                              batch_size=batch_size, words=sum(count_words(t) for t in texts),
                              pad_token_id=lm.pad_token_id)

@@ -35,6 +35,35 @@ RUN_RECORD = "diffutron_training.json"  # in the final model directory: config, 
 _OWN_NAMES = {CHECKPOINTS, "cache", "metrics.jsonl", "metrics.csv", "tensorboard", "run.json", ".final-tmp",
               "loss.png"}
 _NAME = re.compile(r"^step-(\d{8})$")
+# Settings that may differ between a run and its resumption (or a finished stage and its recipe now):
+# how a run is watched, saved, placed and computed, not what it learns. Keys of the flattened config
+# (``changed_settings``). The loss variant (``fused_loss``, ``fused_loss_impl``) and ``compile`` give
+# the same loss up to rounding.
+RESUME_FREE = frozenset({
+    "log_every", "eval_every", "eval_at_start", "eval_sequences", "eval_draws", "eval_seed", "save_every",
+    "keep_last", "keep_checkpoints", "progress", "tensorboard", "output_dir", "model", "cpu", "fused_loss",
+    "fused_loss_impl", "compile", "data.cache", "data.skip_bad_rows",
+})
+
+
+def changed_settings(before: dict, now: dict) -> list[tuple[str, object, object]]:
+    """``(key, before, now)`` of every setting two stage configs (``TrainConfig.to_dict()``) set
+    differently, sorted by key, apart from ``RESUME_FREE``. Nested settings (``data``, ``lora``)
+    are compared key by key (``data.max_length``); a fresh model's ``config`` mapping as a whole."""
+    before, now = _flatten(before), _flatten(now)
+    return [(k, before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
+            if k not in RESUME_FREE and before.get(k) != now.get(k)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "config":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def checkpoints_dir(output_dir: str | os.PathLike) -> Path:

@@ -2,7 +2,7 @@
 
 One stage of training is a :class:`TrainConfig`; its data is a :class:`DataConfig`, its LoRA
 settings a :class:`LoraSettings` and, for training from scratch, its fresh model an
-:class:`InitConfig`. :func:`load_settings` builds any of them from a mapping, rejecting unknown
+:class:`InitConfig`. :func:`build` makes any of them from a mapping, rejecting unknown
 keys (with a "did you mean") and wrong types, and names the file, line and key of every error::
 
     stage.yaml:7: lora.rank: unknown key (did you mean 'r'?); allowed: r, alpha, ...
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import DiffutronError
+from ..objective import IMPLS, WEIGHTINGS
+from ..schedules import SCHEDULES, T_SAMPLING
 
 KINDS = ("auto", "pretrain", "instruct")
 FORMATS = ("auto", "alpaca", "instructurca", "chat")
@@ -31,10 +33,9 @@ SAMPLE_BY = ("line", "paragraph", "document")
 METHODS = ("full", "lora")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-T_SAMPLING = ("iid", "antithetic", "stratified")
-NOISE_SCHEDULES = ("linear", "loglinear", "cosine")
-LOSS_WEIGHTINGS = ("elbo", "flat")  # objective.WEIGHTINGS (kept here so settings load without torch)
-FUSED_LOSS_IMPLS = ("auto", "v1", "v2", "v2-compiled")  # fused_loss.IMPLS and auto
+NOISE_SCHEDULES = tuple(SCHEDULES)
+LOSS_WEIGHTINGS = WEIGHTINGS
+FUSED_LOSS_IMPLS = ("auto", *IMPLS)
 MODERNBERT_LORA_TARGETS = ["Wqkv", "Wo", "Wi"]
 
 
@@ -215,7 +216,7 @@ class TrainConfig:
     eps: float = _help("t = eps + (1 - eps) * u", 1e-3)
     fused_loss: bool = _help("compute the output layer and the cross-entropy together, in chunks: the same loss "
                              "and gradients with far less memory (false: objective.mdlm_loss)", True)
-    fused_loss_impl: str = _help("the fused loss's implementation: auto (per device, fused_loss.AUTO_IMPL), v1, v2 "
+    fused_loss_impl: str = _help("the fused loss's implementation: auto (per device, objective.AUTO_IMPL), v1, v2 "
                                  "(larger blocks kept in bf16 under autocast) or v2-compiled (v2 with each block's "
                                  "softmax and gradient compiled); the same loss and gradients", "auto")
     compile: bool = _help("compile the encoder layers with torch.compile for the training steps (evaluation runs "
@@ -489,14 +490,3 @@ def apply_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
         return dataclasses.replace(config, **top) if top else config
     except SettingError as err:
         raise DiffutronError(f"{err.key}: {err.message}") from None
-
-
-def settings_help(cls) -> list[tuple[str, str, Any, str]]:
-    """``(name, type, default, help)`` of every field: the source of the documented YAML schema."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            "(mapping)" if f.default_factory is not dataclasses.MISSING else "(required)")
-        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
-    return rows

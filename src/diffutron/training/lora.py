@@ -77,7 +77,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """The plain model with the adapter weights added in (``W + B A * alpha / r``)."""
     if not is_peft(model):
         return model
-    return model.merge_and_unload()
+    merged = model.merge_and_unload()
+    # an adapter loaded from disk is frozen (peft's inference mode): the plain model trains like any other
+    merged.requires_grad_(True)
+    return merged
 
 
 def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32,

@@ -48,7 +48,7 @@ from ..data.rows import check_sources
 from ..errors import DiffutronError
 from .config import InitConfig, SettingError, TrainConfig, Where, build, read_yaml
 from .inputs import check_start
-from .checkpoint import RUN_RECORD, check_output, output_state
+from .checkpoint import RUN_RECORD, changed_settings, check_output, output_state
 from .loop import TrainResult, finished_result, train
 from .export import ExportConfig, export
 from .metrics import say
@@ -289,9 +289,7 @@ def _settings_changed(stage_dir: Path, config: TrainConfig) -> list[str]:
         old = json.loads(record.read_text(encoding="utf-8")).get("config", {})
     except ValueError:
         return []
-    new = config.to_dict()
-    ignore = {"progress", "log_every", "tensorboard", "keep_last", "save_every", "eval_every"}
-    return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+    return [key for key, _, _ in changed_settings(old, config.to_dict())]
 
 
 def _stage_process(config: TrainConfig, resume: bool, metric: MetricConfig | None) -> TrainResult:
