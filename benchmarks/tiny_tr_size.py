@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from diffutron.data.tokenizer import load_tokenizer
+    from diffutron.corpus.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     prompt = "Türkiye'nin başkenti neresidir?"

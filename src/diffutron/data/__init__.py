@@ -1,5 +1,6 @@
-"""Turkish data: registry sources (``sources``), the corpus (``corpus``), synthetic
-instruction tasks and their metric (``tasks``), and the tokenizer (``tokenizer``).
+"""Training data: rows from local files and hub datasets (``rows``), pre-training documents
+packed into blocks (``pretrain``), instruction data with the chat template (``instruct``).
 
-Import from the submodules, e.g. ``from diffutron.data.corpus import load_corpus``.
+Building the Turkish corpus, its tasks, tokenizer and lexicon is ``diffutron.corpus``'s. Import
+from the submodules, e.g. ``from diffutron.data.pretrain import pack_documents``.
 """

@@ -5,9 +5,9 @@ extra and is not imported here.
 """
 
 from .metrics import f1_binary, f1_macro, score_task
-from .perplexity import read_texts, run_perplexity
+from .perplexity_run import read_texts, run_perplexity
 from .runner import CetvelConfig, format_table, prepare_cetvel, run_cetvel
-from .tasks import TASK_NAMES, TASKS, Example, Task, get_tasks, load_task
+from .cetvel import TASK_NAMES, TASKS, Example, Task, get_tasks, load_task
 
 __all__ = [
     "CetvelConfig", "Example", "Task", "TASKS", "TASK_NAMES", "f1_binary", "f1_macro", "format_table",

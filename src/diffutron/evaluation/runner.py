@@ -21,7 +21,7 @@ from ..likelihood import Score, loglikelihood
 from .metrics import predictions, score_task
 from .provenance import provenance
 from .reference_scheme import reference_loglikelihood
-from .tasks import TASK_NAMES, Example, TaskData, get_tasks, load_task
+from .cetvel import TASK_NAMES, Example, TaskData, get_tasks, load_task
 
 SCHEMES = ("diffutron", "reference")
 

@@ -179,9 +179,42 @@ def loglikelihood_ids(
         raise DiffutronError("the tokenizer has no mask token; a masked diffusion LM needs one")
     prefix, suffix = special_affixes(tokenizer)
     limit = context_length(model, tokenizer)
-    stream = torch.Generator().manual_seed(seed)
 
     # 1. the rows to run: one canvas per distinct (masked sequence), each read by >= 1 pair
+    pairs, canvases = _plan(id_pairs, prefix=prefix, suffix=suffix, limit=limit, mask_id=mask_id,
+                            mc_samples=mc_samples, deterministic=deterministic, seed=seed)
+
+    # 2. forward passes, logits only at masked positions
+    pad_id = pad_token_id(tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            chunks = _chunks(sorted(canvases.values(), key=lambda c: len(c.ids)), batch_size, max_masked_per_forward)
+            for chunk in _progress(chunks, progress, "scoring"):
+                _score_chunk(model, chunk, pairs, pad_id=pad_id)
+            if check_greedy:
+                todo = [i for i, p in enumerate(pairs) if p.is_greedy is None and p.tokens > 1]
+                _greedy_check(model, [pairs[i] for i in todo], mask_id=mask_id, pad_id=pad_id,
+                              batch_size=batch_size)
+    finally:
+        model.train(was_training)
+
+    # 3. values and standard errors
+    scores = []
+    for state in pairs:
+        scores.append(Score(
+            value=float(state.value), stderr=_stderr(state.draws), is_greedy=state.is_greedy,
+            tokens=state.tokens, truncated=state.truncated, method=state.method,
+        ))
+    return scores
+
+
+def _plan(id_pairs, *, prefix: list[int], suffix: list[int], limit: int, mask_id: int, mc_samples: int,
+          deterministic: bool, seed: int) -> tuple[list[_Pair], dict[tuple, _Canvas]]:
+    """Each pair's state (its sequence, cut to ``limit``, and method) and the canvases to run:
+    one per distinct (masked sequence, masked positions), with the reads of every pair that needs it."""
+    stream = torch.Generator().manual_seed(seed)
     pairs: list[_Pair] = []
     canvases: dict[tuple, _Canvas] = {}
     for i, (ctx, cont) in enumerate(id_pairs):
@@ -214,31 +247,7 @@ def loglikelihood_ids(
             if canvas is None:
                 canvas = canvases[key] = _Canvas(noisy, positions)
             canvas.reads.append((i, weight, k, [seq[p] for p in positions]))
-
-    # 2. forward passes, logits only at masked positions
-    pad_id = pad_token_id(tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            chunks = _chunks(sorted(canvases.values(), key=lambda c: len(c.ids)), batch_size, max_masked_per_forward)
-            for chunk in _progress(chunks, progress, "scoring"):
-                _score_chunk(model, chunk, pairs, pad_id=pad_id)
-            if check_greedy:
-                todo = [i for i, p in enumerate(pairs) if p.is_greedy is None and p.tokens > 1]
-                _greedy_check(model, [pairs[i] for i in todo], mask_id=mask_id, pad_id=pad_id,
-                              batch_size=batch_size)
-    finally:
-        model.train(was_training)
-
-    # 3. values and standard errors
-    scores = []
-    for state in pairs:
-        scores.append(Score(
-            value=float(state.value), stderr=_stderr(state.draws), is_greedy=state.is_greedy,
-            tokens=state.tokens, truncated=state.truncated, method=state.method,
-        ))
-    return scores
+    return pairs, canvases
 
 
 def _draw_plan(T: int, n: int, gen: torch.Generator) -> tuple[str, list[tuple[tuple[int, ...], float, int]]]:

@@ -148,6 +148,26 @@ def elbo_perplexity(
     Raises:
         DiffutronError: bad settings, or data with no maskable token.
     """
+    _check_args(mc_samples=mc_samples, batch_size=batch_size, max_sequences=max_sequences,
+                first_index=first_index, words=words)
+    pad = mask_token_id if pad_token_id is None else pad_token_id
+    draws = dict(seed=seed, mc_samples=mc_samples, schedule=schedule, eps=eps, t_sampling=t_sampling)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            sums, tokens = _score(model, data, draws, mask_token_id=mask_token_id, pad_id=pad, batch_size=batch_size,
+                                  max_masked=max_masked_per_forward, max_sequences=max_sequences,
+                                  first_index=first_index, progress=progress)
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise DiffutronError("the data holds no maskable token: nothing to score")
+    return _result(sums, tokens, mc_samples=mc_samples, seed=seed, words=words)
+
+
+def _check_args(*, mc_samples: int, batch_size: int, max_sequences: int | None, first_index: int,
+                words: int | None) -> None:
     _check_int("mc_samples", mc_samples, 1)
     _check_int("batch_size", batch_size, 1)
     if max_sequences is not None:
@@ -155,54 +175,55 @@ def elbo_perplexity(
     _check_int("first_index", first_index, 0)
     if words is not None and (not isinstance(words, int) or words < 0):
         raise DiffutronError(f"invalid words={words!r}: a count >= 0")
-    sched = get_schedule(schedule)
-    pad = mask_token_id if pad_token_id is None else pad_token_id
 
+
+def _score(model, data, draws: dict, *, mask_token_id: int, pad_id: int, batch_size: int, max_masked: int,
+           max_sequences: int | None, first_index: int, progress: bool | str) -> tuple[list[list[float]], int]:
+    """The weighted masked cross-entropy of every (sequence, draw), as ``sums[sequence][draw]``,
+    and the number of maskable tokens; ``draws``: ``sequence_noise``'s settings."""
     sums: list[list[float]] = []  # [sequence][draw]
     tokens = 0
     pending: list[tuple[int, int, list[int], list[int], float, list[int]]] = []
+    sched = get_schedule(draws["schedule"])
+    bar = _progress(None, progress, "perplexity")
+    for i, (ids, maskable) in enumerate(_sequences(data, batch_size)):
+        if max_sequences is not None and i >= max_sequences:
+            break
+        n_mask = int(maskable.sum())
+        tokens += n_mask
+        sums.append([0.0] * draws["mc_samples"])
+        if n_mask == 0:
+            continue
+        # 1. t and masks of this sequence's draws, as the objective draws them  [m], [m, L]
+        t, noise = sequence_noise(maskable, index=first_index + i, **draws)
+        pending.extend(_masked_rows(i, ids.tolist(), noise, sched.weight(t).tolist(), mask_token_id))
+        # 2. run full chunks of rows
+        while len(pending) >= batch_size:
+            _ce_rows(model, pending[:batch_size], sums, pad_id, max_masked)
+            del pending[:batch_size]
+        if bar is not None:
+            bar.update(1)
+    if pending:
+        _ce_rows(model, pending, sums, pad_id, max_masked)
+    if bar is not None:
+        bar.close()
+    return sums, tokens
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            bar = _progress(None, progress, "perplexity")
-            for i, (ids, maskable) in enumerate(_sequences(data, batch_size)):
-                if max_sequences is not None and i >= max_sequences:
-                    break
-                n_mask = int(maskable.sum())
-                tokens += n_mask
-                sums.append([0.0] * mc_samples)
-                if n_mask == 0:
-                    continue
-                # 1. t and masks of this sequence's draws, as the objective draws them  [m], [m, L]
-                t, noise = sequence_noise(maskable, index=first_index + i, seed=seed, mc_samples=mc_samples, schedule=schedule,
-                                          eps=eps, t_sampling=t_sampling)
-                w = sched.weight(t).tolist()
-                ids_list = ids.tolist()
-                for d in range(mc_samples):
-                    positions = noise[d].nonzero().squeeze(-1).tolist()
-                    if not positions:
-                        continue
-                    noisy = list(ids_list)
-                    for p in positions:
-                        noisy[p] = mask_token_id
-                    pending.append((i, d, noisy, positions, w[d], [ids_list[p] for p in positions]))
-                # 2. run full chunks of rows
-                while len(pending) >= batch_size:
-                    _ce_rows(model, pending[:batch_size], sums, pad, max_masked_per_forward)
-                    del pending[:batch_size]
-                if bar is not None:
-                    bar.update(1)
-            if pending:
-                _ce_rows(model, pending, sums, pad, max_masked_per_forward)
-            if bar is not None:
-                bar.close()
-    finally:
-        model.train(was_training)
 
-    if tokens == 0:
-        raise DiffutronError("the data holds no maskable token: nothing to score")
+def _masked_rows(i: int, ids_list: list[int], noise: torch.Tensor, w: list[float], mask_token_id: int):
+    """One row per draw d of sequence i that masks something: (i, d, noisy ids, masked
+    positions, w(t_d), the masked positions' true ids)."""
+    for d in range(len(w)):
+        positions = noise[d].nonzero().squeeze(-1).tolist()
+        if not positions:
+            continue
+        noisy = list(ids_list)
+        for p in positions:
+            noisy[p] = mask_token_id
+        yield (i, d, noisy, positions, w[d], [ids_list[p] for p in positions])
+
+
+def _result(sums: list[list[float]], tokens: int, *, mc_samples: int, seed: int, words: int | None) -> PerplexityResult:
     # 3. L_i = mean over draws; loss = sum L_i / tokens; Var = sum Var(L_i) / tokens^2
     total, var = 0.0, 0.0
     for per_draw in sums:

@@ -16,7 +16,7 @@ runs only the block's masks and its newly committed tokens, about half a block o
 
 The layer loop below is ModernBERT's own forward written out over the model's modules (so the
 weights, rotary tables, local/global attention windows, bf16 or int8 layers are the model's);
-``tests/test_sampler.py`` checks that a refresh forward equals the model's logits. It calls
+``tests/sampling/test_sampler.py`` checks that a refresh forward equals the model's logits. It calls
 internals of recent transformers' ModernBERT; with an older one, :func:`check_internals` refuses
 the cache in one line naming the version needed, and decoding without the cache still runs.
 
@@ -34,13 +34,14 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from ..backbone import is_modernbert, modernbert_head, modernbert_masks, unwrap
+from ..backbone import unwrap
+from ..backbone.modernbert import is_modernbert, modernbert_head, modernbert_masks
 from ..errors import DiffutronError
 
 # The transformers this package needs (pyproject.toml). 5.0's ModernBERT brought the per-layer-type
 # rotary embeddings the layer loop below calls (``config.layer_types``, ``rotary_emb(x, positions,
 # layer_type)``, each layer's ``attention_type``); 5.1's attention takes the prepared per-type masks
-# of ``backbone.modernbert_logits_at`` (what the engine runs).
+# of ``backbone.modernbert.modernbert_logits_at`` (what the engine runs).
 TRANSFORMERS_NEEDED = "5.1"
 
 

@@ -5,7 +5,7 @@ arguments below ~-87 runs ~50x slower (subnormal results) and a full sort costs 
 These kernels read the columns once in L2-sized chunks, clamp exp() arguments at ``EXP_FLOOR``,
 search block maxima before one block, and sort only the best ids of a nucleus. On GPUs they lose
 to the plain versions (3.5-20x on an H200; issue 15), so ``policies`` runs them on CPU only. Each
-is tested equal to its plain version in ``tests/test_sampler.py``.
+is tested equal to its plain version in ``tests/sampling/test_sampler.py``.
 """
 
 from __future__ import annotations

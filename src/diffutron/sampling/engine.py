@@ -8,15 +8,15 @@ compiled by torch.compile). Per block:
 
 1. host: each row's block span, its plan (tokens to commit per step, ``policies.block_schedule``)
    and its uniforms (``noise.block_noise``); steps where no row commits are dropped;
-2. device, per step: the block's masked positions (P per row, P fixed per step), logits there only
-   (``backbone.logits_at``, or the dual cache's refresh / window), CFG and the repetition penalty,
-   candidates and confidences (``policies``), and each row's k most confident committed (plus
-   every one above the threshold);
+2. device, per step (``engine_step.Step``): the block's masked positions (P per row, P fixed per
+   step), logits there only (``backbone.logits_at``, or the dual cache's refresh / window), CFG and
+   the repetition penalty, candidates and confidences (``policies``), and each row's k most
+   confident committed (plus every one above the threshold);
 3. host, once: the canvas is read back; rows whose answer ended retire (``stop_at_eos``), and new
    rows may join before the next block (the server's continuous batching).
 
 A row decodes exactly as in ``loop.generate``: the same plan, uniforms, rules and tie-breaking, so
-in float32 its tokens are the same (``tests/test_engine.py``). A row whose block fills early
+in float32 its tokens are the same (``tests/sampling/test_engine.py``). A row whose block fills early
 (threshold) waits for the block's last step instead of starting its next block: same tokens, more
 forwards than the eager loop. Not here (``loop.generate`` runs them): masks inside a prompt, the
 delayed cache, whose windows change width from step to step, and ``rng="reference"`` (one random
@@ -29,7 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -38,6 +38,7 @@ from ..errors import DiffutronError
 from . import policies
 from .cache import DualCache
 from .config import SamplerConfig
+from .engine_step import Layout, Step
 from .loop import GenerationOutput
 from .noise import block_noise
 from .stopping import find_stop
@@ -87,25 +88,6 @@ class Row:
         return len(self.prompt)
 
 
-@dataclass(eq=False)
-class _Layout:
-    """Device buffers for B slots of canvas width W, and the CUDA graphs captured on them."""
-
-    B: int
-    W: int
-    canvas: torch.Tensor  # [B, W + 1] long; the last column is scratch (padding entries write there)
-    att: torch.Tensor  # [B, W] long
-    uncond: torch.Tensor  # [B, W] bool: prompt tokens CFG's unconditional canvas masks
-    lo: torch.Tensor  # [B] block start column
-    blen: torch.Tensor  # [B] block width (0 = an empty slot)
-    k: torch.Tensor  # [B] tokens to commit this step
-    u: torch.Tensor  # [B, L] float64 uniforms of this step (token draws)
-    u_order: torch.Tensor  # [B, L] float64 (random remasking)
-    cache: DualCache | None
-    graphs: dict = field(default_factory=dict)  # (kind, P) -> CUDA graph
-    slots: dict = field(default_factory=dict)  # P -> arange(P) on the device
-
-
 class Engine:
     """Decodes rows with one ``SamplerConfig`` (seeds per row) in lockstep blocks.
 
@@ -126,22 +108,29 @@ class Engine:
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise DiffutronError("CUDA graphs need a CUDA device: run without graphs on CPU")
-        self.plain = self.graphs or compile or self.device.type != "cpu"  # CPU kernels read values back to the host
+        plain = self.graphs or compile or self.device.type != "cpu"  # CPU kernels read values back to the host
         self.max_batch = max_batch
-        self.vocab = backbone.unwrap(model).get_output_embeddings().out_features
-        self.modernbert = backbone.is_modernbert(model)
-        self.half_window = getattr(backbone.unwrap(model).config, "local_attention", 0) // 2
+        self.stepper = Step(model, config, mask_token_id=mask_token_id, eos_token_id=eos_token_id, plain=plain)
         self.rows: list[Row] = []
-        self.layouts: dict[tuple[int, int], _Layout] = {}
+        self.layouts: dict[tuple[int, int], Layout] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.nfe = 0
         self.capture_s = 0.0  # time spent capturing graphs (and compiling, the first time)
         self.compiling = compile
-        self._plain_step = self._step
-        self._step = _compiled(self._step) if compile else self._step
-        if config.cache == "dual" and not self.modernbert:
+        self._plain_step = self.stepper.run
+        self._step = _compiled(self._plain_step) if compile else self._plain_step
+        if config.cache == "dual" and not self.stepper.modernbert:
             raise DiffutronError(f"cache='dual' supports ModernBERT masked LMs only, not "
                                  f"{type(backbone.unwrap(model)).__name__}: use cache='none'")
+
+    @property
+    def plain(self) -> bool:
+        """The step runs the plain rules (what GPUs run), not the CPU kernels (settable, for tests)."""
+        return self.stepper.plain
+
+    @plain.setter
+    def plain(self, value: bool) -> None:
+        self.stepper.plain = value
 
     def packed(self):
         """CPU float32 without torch.compile: the output layer on oneDNN's packed weight while
@@ -238,7 +227,7 @@ class Engine:
             out.append((j, kind, p))
         return out
 
-    def _masks_left(self, lay: _Layout) -> torch.Tensor:
+    def _masks_left(self, lay: Layout) -> torch.Tensor:
         """[B] masks each slot has left in its block (a host read)."""
         ar = torch.arange(self.config.block_length, device=lay.canvas.device)
         cols = torch.where(ar < lay.blen[:, None], lay.lo[:, None] + ar, lay.W)
@@ -263,7 +252,7 @@ class Engine:
             row.canvas = torch.where(row.canvas == self.mask_id, self.pad_id, row.canvas)
             row.done = "cancelled"
 
-    def _cancel(self, row: Row, canvas: torch.Tensor, lay: _Layout, slot: int) -> None:
+    def _cancel(self, row: Row, canvas: torch.Tensor, lay: Layout, slot: int) -> None:
         """Stop a row inside a block (from a callback): its canvas as it stands, no more commits."""
         if row.done is not None:
             return
@@ -275,7 +264,7 @@ class Engine:
     def _width(self, n: int) -> int:
         return -(-n // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
 
-    def _layout(self, B: int, W: int) -> _Layout:
+    def _layout(self, B: int, W: int) -> Layout:
         lay = self.layouts.pop((B, W), None)
         if lay is not None:
             self.layouts[(B, W)] = lay  # most recently used last
@@ -285,12 +274,12 @@ class Engine:
         L, dev = self.config.block_length, self.device
         zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
         cache = DualCache(self.model, slots=B, width=W) if self.config.cache == "dual" else None
-        lay = _Layout(B, W, zeros(B, W + 1), zeros(B, W), zeros(B, W, dtype=torch.bool), zeros(B), zeros(B),
+        lay = Layout(B, W, zeros(B, W + 1), zeros(B, W), zeros(B, W, dtype=torch.bool), zeros(B), zeros(B),
                       zeros(B), zeros(B, L, dtype=torch.float64), zeros(B, L, dtype=torch.float64), cache)
         self.layouts[(B, W)] = lay
         return lay
 
-    def _load(self, lay: _Layout, rows: list[Row]) -> list[list[int]]:
+    def _load(self, lay: Layout, rows: list[Row]) -> list[list[int]]:
         """Copy the rows' canvases and block spans into the layout; returns each row's plan."""
         canvas = torch.full((lay.B, lay.W + 1), self.pad_id, dtype=torch.long)
         att = torch.zeros(lay.B, lay.W, dtype=torch.long)
@@ -309,7 +298,7 @@ class Engine:
             buf.copy_(value)
         return plans
 
-    def _noise(self, lay: _Layout, rows: list[Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _noise(self, lay: Layout, rows: list[Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Each row's block uniforms, as [steps, B, L] device tensors (None where unused)."""
         cfg = self.config
         tokens, order = cfg.temperature > 0, cfg.remasking == "random"
@@ -324,8 +313,8 @@ class Engine:
                     buf[: row.steps, i, : e - s] = u
         return tuple(None if t is None else t.to(self.device) for t in out)
 
-    # ------------------------------------------------------------------------------ one step
-    def _run(self, lay: _Layout, kind: str, p: int) -> None:
+    # ------------------------------------------------------------------------------ running a step: graphs, compile
+    def _run(self, lay: Layout, kind: str, p: int) -> None:
         """One step: replayed from its CUDA graph (captured on first use), or run as is."""
         slots = lay.slots.get(p)
         if slots is None:  # P given as a tensor's length: torch.compile keeps it symbolic (no recompiling)
@@ -365,7 +354,7 @@ class Engine:
         for lay in self.layouts.values():
             lay.graphs.clear()  # graphs recorded the compiled kernels: record the plain ones again
 
-    def _capture(self, lay: _Layout, kind: str, slots: torch.Tensor) -> torch.cuda.CUDAGraph:
+    def _capture(self, lay: Layout, kind: str, slots: torch.Tensor) -> torch.cuda.CUDAGraph:
         """Warm up (the first call compiles, when asked), then record the step. Warm-up runs really
         commit tokens, so the canvas is put back after each; the cache's writes are idempotent."""
         t0 = time.perf_counter()
@@ -383,71 +372,6 @@ class Engine:
         torch.cuda.synchronize()
         self.capture_s += time.perf_counter() - t0
         return graph
-
-    def _step(self, lay: _Layout, kind: str, slots: torch.Tensor) -> None:
-        """Commit this step's tokens into ``lay.canvas`` (see the module docstring, step 2); the
-        block's masked positions are read at ``len(slots)`` places per row (``slots`` = arange(P))."""
-        cfg = self.config
-        B, W, L, p = lay.B, lay.W, cfg.block_length, slots.shape[0]
-        canvas = lay.canvas
-        ar = torch.arange(L, device=canvas.device)
-        inside = ar < lay.blen[:, None]  # [B, L]
-        cols = torch.where(inside, lay.lo[:, None] + ar, W)  # the block's columns; scratch outside
-        tok = canvas.gather(1, cols)
-        masked = (tok == self.mask_id) & inside
-        order = torch.sort((~masked).int(), dim=1, stable=True).indices.index_select(1, slots)  # masks first
-        pos = cols.gather(1, order)  # [B, p] canvas columns (W = scratch)
-        valid = masked.gather(1, order)
-        logits = self._logits(lay, kind, tok, cols, inside, order, pos).float()  # [B * p, V]
-        rows = torch.arange(B, device=canvas.device).repeat_interleave(p)
-        if cfg.repetition_penalty != 1.0:
-            x = canvas[:, :W]
-            seen = lay.att.bool() & (x != self.mask_id)
-            if self.eos_id is not None:
-                seen &= x != self.eos_id
-            present = torch.zeros(B, self.vocab + 1, dtype=torch.bool, device=canvas.device)
-            present = present.scatter_(1, torch.where(seen, x, self.vocab), True)[:, : self.vocab]
-            logits = policies.apply_repetition_penalty(logits, present, rows, cfg.repetition_penalty, plain=self.plain)
-        u = lay.u.gather(1, order).reshape(-1) if cfg.temperature > 0 else None
-        u_order = lay.u_order.gather(1, order).reshape(-1) if cfg.remasking == "random" else None
-        x0, conf = policies.propose(logits, u, u_order, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                    remasking=cfg.remasking, forbid=self.mask_id, plain=self.plain)
-        x0 = x0.view(B, p)
-        conf = conf.view(B, p).masked_fill(~valid, float("-inf"))
-        n = lay.k
-        if cfg.threshold is not None:
-            n = torch.where(n > 0, torch.maximum(n, (conf >= cfg.threshold).sum(1)), n)
-        n = torch.minimum(n, valid.sum(1))
-        ranked = torch.sort(conf, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(ranked).scatter_(1, ranked, slots.expand(B, p))
-        commit = rank < n[:, None]
-        canvas.scatter_(1, pos, torch.where(commit, x0, canvas.gather(1, pos)))
-
-    def _logits(self, lay: _Layout, kind: str, tok, cols, inside, order, pos) -> torch.Tensor:
-        """Logits [B * p (row-major), V] at ``pos``: a full forward, or the dual cache's refresh or window."""
-        B, W, L = lay.B, lay.W, self.config.block_length
-        base = torch.arange(B, device=pos.device)[:, None]
-        if kind == "window":
-            return lay.cache.window(None, tok, cols, inside, (base * L + order).reshape(-1))
-        flat = (base * W + pos.clamp(max=W - 1)).reshape(-1)
-        x = lay.canvas[:, :W]
-        if kind == "refresh":
-            return lay.cache.refresh(None, x, lay.att, flat)
-        if self.config.cfg_scale > 0:
-            uncond = torch.where(lay.uncond, self.mask_id, x)
-            both = self._encode(torch.cat([x, uncond]), torch.cat([lay.att, lay.att]),
-                                torch.cat([flat, flat + B * W]))
-            cond, unc = both.float().chunk(2)
-            return policies.guide(cond, unc, self.config.cfg_scale)
-        return self._encode(x, lay.att, flat)
-
-    def _encode(self, ids: torch.Tensor, att: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """The model's logits at ``flat`` (an index into [b * W]) of canvases ``ids`` [b, W]."""
-        if self.modernbert:  # ModernBERT's masks built here from tensors: its own builder may read values back
-            pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-            masks = backbone.modernbert_masks(pos, att.bool(), self.half_window)
-            return backbone.modernbert_logits_at(self.model, ids, flat, masks)
-        return backbone.logits_at(self.model, ids, flat, att)
 
     # ------------------------------------------------------------------------------ batch decoding
     @torch.inference_mode()

@@ -1,9 +1,12 @@
 """OpenAI-compatible HTTP server with batching, streaming and a live denoising web page.
 
-Layout (as vLLM's OpenAI server): ``protocol.py`` pydantic schemas, ``scheduler.py`` batching
-and the sampler thread, ``service.py`` request -> sampler settings -> response (no HTTP),
-``app.py`` the FastAPI routes, ``static/`` the web page, ``limits.py`` the server's limits and
-batching constants. Needs the ``serve`` extra (``pip install diffutron[serve]``); start it with
+Layout (as vLLM's OpenAI server): ``protocol.py`` pydantic schemas; ``jobs.py`` a queued
+request and its events, ``scheduler.py`` the queue, batching and the sampler thread,
+``streaming.py`` text deltas and denoising states, ``worker.py`` answers and whole eager
+batches; ``service.py`` request -> sampler settings -> response (no HTTP); ``app.py`` the
+FastAPI app, ``routes_api.py`` the ``/v1`` and ``/health`` routes, ``routes_page.py`` the web
+page's, ``http_errors.py`` the error responses; ``static/`` the web page; ``limits.py`` the
+server's limits and batching constants. Needs the ``serve`` extra (``pip install diffutron[serve]``); start it with
 ``diffutron serve``. Only ``limits`` loads without the extra (``serve --help`` states its values):
 the rest is imported when first used.
 """

@@ -15,7 +15,7 @@ the sampler thread:
    second thread while the next block decodes).
 
 So a request that arrives while a batch runs waits at most one block, not until the batch ends.
-A row decodes exactly as it would alone (its own seed, plan and noise: ``tests/test_engine.py``),
+A row decodes exactly as it would alone (its own seed, plan and noise: ``tests/sampling/test_engine.py``),
 whatever joins or leaves around it. Rows of one batch share the sampler settings (``max_tokens``,
 ``steps``, ``block_length``, ... a longer canvas changes the block and step plan); stop strings
 are per row. Fairness is FIFO: a new batch takes the oldest job and the queued jobs that can
@@ -32,14 +32,18 @@ Jobs the engine cannot run (the delayed cache; masks inside a prompt) run as a w
 through ``DiffusionLM.generate_ids`` (the eager sampler), when they reach the head of the queue
 and the engine is idle: equal settings and equal stop strings share such a batch.
 
-Streaming: while some running row streams, the engine's per-step callback reads the canvas
-(one host read per step; none otherwise) and turns each streaming row's committed prefix into
-append-only text deltas, and the canvases of rows that asked for the denoising stream into
-``DenoiseState`` events; it also stops the rows of cancelled jobs at once. Answer cutting and
-stop handling are the model's: ``answer_ids`` / ``completions``.
+Streaming: while some running row streams, the engine's per-step callback (``streaming.py``,
+``StepWatch``) reads the canvas (one host read per step; none otherwise) and turns each
+streaming row's committed prefix into append-only text deltas, and the canvases of rows that
+asked for the denoising stream into ``DenoiseState`` events; it also stops the rows of
+cancelled jobs at once. Answer cutting and stop handling are the model's: ``answer_ids`` /
+``completions``.
 
-Events (read from ``Job.events``, an ``asyncio.Queue``): ``TextDelta``, ``DenoiseState``,
-then exactly one ``Finished`` or ``Failed``.
+Events (read from ``Job.events``, an ``asyncio.Queue``; ``jobs.py``): ``TextDelta``,
+``DenoiseState``, then exactly one ``Finished`` or ``Failed``.
+
+This module holds the queue, admission at block boundaries and the engine batch's blocks;
+``worker.py`` the answers of finished engine jobs and the whole (eager) batches.
 """
 
 from __future__ import annotations
@@ -47,221 +51,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import DiffutronError
-from ..lm import Completion, DiffusionLM
-from ..sampling import GenerationOutput, SamplerConfig, find_stop, partial_stop_len
+from ..lm import DiffusionLM
+from ..sampling import SamplerConfig
 from ..sampling import engine as engines
+from .jobs import Failed, Finished, Job, QueueFull, Stats  # noqa: F401 - Finished: re-exported (tests)
 from .limits import QUIET_S
+from .streaming import RowStream, StepWatch, TokenLabels, stable_text  # noqa: F401 - stable_text: re-exported (tests)
+from .worker import Run, decode_whole, finish_run
 
 log = logging.getLogger("diffutron.serve")
 
 
 MAX_ENGINES = 4  # sampler configurations whose engines (buffers, graphs) are kept
 SWITCH_S = 0.0005  # Python's thread switch interval while serving from a GPU
-
-
-class QueueFull(Exception):
-    """The queue of waiting requests is full (HTTP 429)."""
-
-
-# -------------------------------------------------------------------------------------- events
-@dataclass
-class TextDelta:
-    index: int
-    text: str
-
-
-@dataclass
-class DenoiseState:
-    index: int
-    step: int
-    block: int
-    masked: int
-    tokens: list  # str | None per answer position
-
-
-@dataclass
-class Finished:
-    completions: list[Completion]
-
-
-@dataclass
-class Failed:
-    error: Exception
-
-
-# ----------------------------------------------------------------------------------------- job
-@dataclass(eq=False)
-class Job:
-    """One request: ``token_lists[i]`` is answered with seed ``seeds[i]`` (choice i)."""
-
-    token_lists: list[list[int]]
-    seeds: list[int]
-    config: SamplerConfig
-    stop_sequences: tuple[tuple[int, ...], ...] = ()
-    stream: bool = False
-    denoise: bool = False
-    cancelled: bool = False
-    events: asyncio.Queue | None = field(default=None, repr=False)
-    submitted: float = 0.0
-    engine_ok: bool | None = field(default=None, repr=False)  # the engine can run it (set on submit)
-
-    @property
-    def rows(self) -> int:
-        return len(self.token_lists)
-
-    @property
-    def key(self) -> tuple:
-        """Jobs with equal keys can share one whole (eager) sampler batch."""
-        return (self.config.replace(seed=0), self.stop_sequences)
-
-
-# ---------------------------------------------------------------------------- streaming state
-_LAST_SPACE = re.compile(r"\s\S*\Z")
-
-
-def stable_text(text: str) -> str:
-    """The part of a decoded, still-growing answer that later tokens cannot change.
-
-    A tokenizer may rewrite the end of a text when tokens follow (byte-fallback pieces decode
-    to U+FFFD until the character is complete; clean-up removes the space before punctuation),
-    so the last word and anything from the first U+FFFD on are held back.
-    """
-    bad = text.find("\ufffd")
-    if bad >= 0:
-        text = text[:bad]
-    m = _LAST_SPACE.search(text)
-    return text[: m.start()] if m else ""
-
-
-class _RowStream:
-    """Turns the canvases of one streaming row into text deltas (and denoising states).
-
-    ``update`` takes the row's canvas (prompt, then the answer's positions; longer is fine):
-    a row of the sampler's batch canvas, an engine row's canvas, or a row of the engine's
-    per-step host canvas."""
-
-    def __init__(self, lm: DiffusionLM, job: Job, index: int, stops: list[list[int]], labels: "_Labels"):
-        toks = job.token_lists[index]
-        mask = lm.mask_token_id
-        self.lm, self.job, self.index, self.stops, self.labels = lm, job, index, stops, labels
-        self.start = toks.index(mask) if mask in toks else len(toks)  # as the sampler's canvas
-        self.end = len(toks) + job.config.max_new_tokens
-        self.first_mask = -1
-        self.sent = ""
-        self.steps = 0
-        self.last: torch.Tensor | None = None
-
-    def update(self, row: torch.Tensor, post, first: int | None = None) -> None:
-        """``first``: the answer's first masked position when the caller computed it already."""
-        seg = row[self.start : self.end]
-        if self.job.denoise or first is None:
-            is_mask = seg == self.lm.mask_token_id
-            first = int(is_mask.nonzero()[0, 0]) if bool(is_mask.any()) else len(seg)
-        if self.job.denoise and (self.last is None or not torch.equal(seg, self.last)):
-            self.last = seg.clone()
-            self.steps += 1
-            masked = int(is_mask.sum())
-            at = first if masked else max(0, len(seg) - 1)
-            post(DenoiseState(self.index, self.steps, at // self.job.config.block_length, masked,
-                              self.labels(seg.tolist())))
-        if first == self.first_mask:
-            return
-        self.first_mask = first
-        ids, ended = self.lm.answer_ids(seg[:first].tolist(), self.stops)
-        if not ended:
-            ids = ids[: len(ids) - partial_stop_len(ids, self.stops)]
-        text = self.lm.decode(ids)
-        text = text if ended else stable_text(text)
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            post(TextDelta(self.index, text[len(self.sent):]))
-            self.sent = text
-
-    def finish(self, completion: Completion, post) -> None:
-        """The rest of the final text (append-only: the final text extends what was sent)."""
-        final = completion.text
-        if not final.startswith(self.sent):  # cannot happen with stable_text; never resend text
-            log.warning("streamed text is not a prefix of the final answer; sending the tail only")
-            n = 0
-            while n < min(len(final), len(self.sent)) and final[n] == self.sent[n]:
-                n += 1
-            final = self.sent + final[n:]
-        if len(final) > len(self.sent):
-            post(TextDelta(self.index, final[len(self.sent):]))
-        self.sent = final
-
-
-class _Labels:
-    """Display text of canvas tokens for the denoising stream (cached per id)."""
-
-    def __init__(self, lm: DiffusionLM):
-        tok = lm.tokenizer
-        self.tokenizer, self.mask = tok, lm.mask_token_id
-        self.special = set(tok.all_special_ids) - {self.mask}
-        self.cache: dict[int, str] = {}
-
-    def __call__(self, ids: list[int]) -> list:
-        out = []
-        for i in ids:
-            if i == self.mask:
-                out.append(None)
-            elif i in self.special:
-                out.append("")
-            else:
-                s = self.cache.get(i)
-                if s is None:
-                    s = self.cache[i] = self.tokenizer.decode([i])
-                out.append(s)
-        return out
-
-
-# ----------------------------------------------------------------------------------- scheduler
-@dataclass
-class Stats:
-    """Counters since the server started (``/health``).
-
-    ``batches``: batches started (an engine batch runs from idle until its last row finishes,
-    however many jobs join it meanwhile; a whole batch is one eager sampler call);
-    ``whole_batches``: those of them run whole by the eager sampler (settings the engine cannot
-    run); ``blocks``: engine blocks decoded; ``block_rows``: rows decoding summed over those
-    blocks (``block_rows / blocks`` = mean rows per block); ``rows``: answers started;
-    ``joined_running``: answers that joined a batch already running (at a block boundary);
-    ``max_batch_rows``: most answers decoding at once."""
-
-    requests: int = 0
-    rows: int = 0
-    batches: int = 0
-    whole_batches: int = 0
-    blocks: int = 0
-    block_rows: int = 0
-    joined_running: int = 0
-    max_batch_rows: int = 0
-    cancelled: int = 0
-    rejected: int = 0
-    failed: int = 0
-
-
-@dataclass(eq=False)
-class _Run:
-    """A job whose rows decode on the engine: ``rows[i]`` answers choice i."""
-
-    job: Job
-    rows: list
-    streams: list
-    stops: list[list[int]]
-    nfe0: int
-    post: object
-    left: int
-    answered: bool = False
 
 
 class Scheduler:
@@ -282,11 +92,11 @@ class Scheduler:
         self._whole: list[Job] = []  # the whole batch running, if any
         self._engines: dict[SamplerConfig, engines.Engine] = {}
         self._engine: engines.Engine | None = None  # the engine of the running batch
-        self._runs: list[_Run] = []  # its jobs
+        self._runs: list[Run] = []  # its jobs
         self._freed = False  # rows finished in the last block
         self._batch_blocks = 0  # blocks the running engine batch has decoded
         self._packed: contextlib.ExitStack | None = None
-        self._labels = _Labels(lm)
+        self._labels = TokenLabels(lm)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -477,10 +287,10 @@ class Scheduler:
             self._pending.remove(job)
             room -= job.rows
             stops = [list(s) for s in lm.stop_sequences] + [list(s) for s in job.stop_sequences]
-            run = _Run(job, [], [], stops, engine.nfe, lambda ev, job=job: self._post(job, ev), job.rows)
+            run = Run(job, [], [], stops, engine.nfe, lambda ev, job=job: self._post(job, ev), job.rows)
             for i, (toks, seed) in enumerate(zip(job.token_lists, job.seeds)):
                 run.rows.append(engine.add(toks, seed, stops, tag=(run, i)))
-                run.streams.append(_RowStream(lm, job, i, stops, self._labels) if job.stream else None)
+                run.streams.append(RowStream(lm, job, i, stops, self._labels) if job.stream else None)
             self._runs.append(run)
             self.stats.rows += job.rows
             if not starting and self._batch_blocks:
@@ -508,7 +318,8 @@ class Scheduler:
         self.stats.rows += rows
         self.stats.max_batch_rows = max(self.stats.max_batch_rows, rows)
         try:
-            await self._loop.run_in_executor(self._executor, self._run_batch, batch)
+            await self._loop.run_in_executor(self._executor, decode_whole, self.lm, batch, self._labels, self._post,
+                                             self.stats)
         except RuntimeError:  # the executor is shut down: the server is stopping
             return False
         finally:
@@ -532,7 +343,7 @@ class Scheduler:
         """One block of every running row (in the sampler thread). Jobs whose rows are all done go
         to the delivery thread, which builds their answers while the next block decodes."""
         engine = self._engine
-        done: list[_Run] = []
+        done: list[Run] = []
         try:
             for run in self._runs:  # rows of jobs whose client went away leave here
                 if run.job.cancelled:
@@ -545,7 +356,7 @@ class Scheduler:
                 if self._packed is None:
                     self._packed = contextlib.ExitStack()
                     self._packed.enter_context(engine.packed())
-                callback = _StepWatch(self) if any(r.job.stream for r in self._runs) else None
+                callback = StepWatch(self.lm.mask_token_id) if any(r.job.stream for r in self._runs) else None
                 rows = len(engine.active)
                 with torch.inference_mode():
                     finished = engine.step_block(callback)
@@ -576,83 +387,8 @@ class Scheduler:
         for run in done:
             self._runs.remove(run)
             run.answered = True
-            self._deliver.submit(self._finish, run, engine.nfe - run.nfe0)
+            self._deliver.submit(finish_run, self.lm, run, engine.nfe - run.nfe0, self._post, self.stats)
 
-    def _finish(self, run: _Run, nfe: int) -> None:
-        """All rows of ``run`` are done: its answers, built as ``DiffusionLM.completions`` does
-        (in the delivery thread)."""
-        try:
-            lm, rows = self.lm, run.rows
-            seqs = torch.full((len(rows), max(r.length for r in rows)), lm.pad_token_id, dtype=torch.long)
-            reasons = []
-            for i, row in enumerate(rows):
-                seqs[i, : row.length] = row.canvas
-                reason = row.done or "length"
-                if reason == "length" and find_stop(row.canvas[row.start :].tolist(), eos_token_id=lm.eos_token_id,
-                                                    stop_sequences=row.stops):
-                    reason = "stop"
-                reasons.append(reason)
-            out = GenerationOutput(sequences=seqs, finish_reasons=reasons, nfe=nfe, answer_start=[r.start for r in rows])
-            completions = lm.completions(out, run.job.token_lists, run.stops)
-            if run.job.stream and not run.job.cancelled:
-                for stream, c in zip(run.streams, completions):
-                    stream.finish(c, run.post)
-        except Exception as err:  # noqa: BLE001 - reported to the client, the server goes on
-            log.exception("building an answer failed")
-            self.stats.failed += 1
-            self._post(run.job, Failed(err))
-            return
-        self._post(run.job, Finished(completions))
-
-    def _run_batch(self, batch: list[Job]) -> None:
-        """Decode one whole batch (in the sampler thread); every job gets exactly one Finished or Failed."""
-        answered: set[int] = set()
-        try:
-            self._decode(batch, answered)
-        except Exception as err:  # noqa: BLE001 - reported to each waiting client, the server goes on
-            if not isinstance(err, DiffutronError):
-                log.exception("sampler batch failed")
-                self.stats.failed += 1
-            for job in batch:
-                if id(job) not in answered:
-                    self._post(job, Failed(err))
-
-    def _decode(self, batch: list[Job], answered: set[int]) -> None:
-        lm = self.lm
-        token_lists = [t for job in batch for t in job.token_lists]
-        seeds = [s for job in batch for s in job.seeds]
-        owners = [job for job in batch for _ in job.token_lists]
-        stops = [list(s) for s in lm.stop_sequences] + [list(s) for s in batch[0].stop_sequences]
-        config = batch[0].config.replace(seed=tuple(seeds))
-        streams: list[_RowStream | None] = []
-        for job in batch:
-            for i in range(job.rows):
-                streams.append(_RowStream(lm, job, i, stops, self._labels) if job.stream else None)
-
-        def callback(step: int, canvas: torch.Tensor):
-            cpu = canvas.cpu() if any(s is not None for s in streams) else None
-            cancel = []
-            for r, job in enumerate(owners):
-                if job.cancelled:
-                    cancel.append(r)
-                elif streams[r] is not None:
-                    streams[r].update(cpu[r], lambda ev, job=job: self._post(job, ev))
-            return cancel
-
-        out = lm.generate_ids(token_lists, config, callback=callback, stop_sequences=stops)
-        completions = lm.completions(out, token_lists, stops)
-        final = out.sequences.cpu()
-        r = 0
-        for job in batch:
-            mine = completions[r : r + job.rows]
-            if job.stream and not job.cancelled:
-                post = lambda ev, job=job: self._post(job, ev)  # noqa: E731
-                for i, c in enumerate(mine):
-                    streams[r + i].update(final[r + i], post)  # the last state (padding after a stop)
-                    streams[r + i].finish(c, post)
-            self._post(job, Finished(mine))
-            answered.add(id(job))
-            r += job.rows
 
 
 class _Joinable:
@@ -667,41 +403,3 @@ class _Joinable:
             if not s._joins(job):
                 return
             yield job
-
-
-class _StepWatch:
-    """The engine's per-step callback while some running row streams: text deltas and denoising
-    states of streaming rows, and the rows of cancelled jobs to stop."""
-
-    def __init__(self, scheduler: Scheduler):
-        self.scheduler = scheduler
-        self.mask = scheduler.lm.mask_token_id
-        self.rows = None
-
-    def _bounds(self, rows, width: int) -> None:
-        """Each row's answer columns, once per block (the engine's rows stay put within a block)."""
-        self.rows = rows
-        starts = torch.tensor([r.start for r in rows])
-        ends = torch.tensor([r.tag[0].streams[r.tag[1]].end if r.tag[0].streams[r.tag[1]] is not None else r.length
-                             for r in rows])
-        cols = torch.arange(width)
-        self.starts, self.ends = starts, ends
-        self.inside = (cols >= starts[:, None]) & (cols < ends[:, None])
-        self.cols = cols
-
-    def __call__(self, step: int, rows, host: torch.Tensor):
-        if self.rows is not rows:
-            self._bounds(rows, host.shape[1])
-        # each row's first masked answer position, all rows at once
-        pos = torch.where((host == self.mask) & self.inside, self.cols, host.shape[1]).amin(1)
-        firsts = (torch.minimum(pos, self.ends) - self.starts).tolist()
-        cancel = []
-        for i, row in enumerate(rows):
-            if row.done is not None:
-                continue
-            run, k = row.tag
-            if run.job.cancelled:
-                cancel.append(i)
-            elif run.streams[k] is not None:
-                run.streams[k].update(host[i], run.post, firsts[i])
-        return cancel

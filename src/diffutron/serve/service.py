@@ -2,7 +2,7 @@
 -> ``DiffusionLM`` -> response objects and stream chunks.
 
 Every user mistake becomes a ``ServiceError`` carrying the HTTP status and OpenAI error fields;
-``app.py`` only turns it into a response.
+``http_errors.py`` only turns it into a response.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from ..lm import Completion, DiffusionLM
 from ..sampling import SamplerConfig
 from ..sampling.engine import supports
 from . import protocol as P
+from .jobs import DenoiseState, Failed, Finished, Job, QueueFull, TextDelta
 from .limits import Limits, default_max_batch_size
-from .scheduler import DenoiseState, Failed, Finished, Job, QueueFull, Scheduler, TextDelta
+from .scheduler import Scheduler
 
 
 class ServiceError(Exception):
@@ -92,7 +93,7 @@ class OpenAIService:
     def health(self) -> dict:
         """Status for operators: ``queued`` requests, ``running_rows`` (answers decoding now),
         ``max_batch_size``, ``compiled`` (the engine runs CUDA graphs / torch.compile) and the
-        scheduler's counters (``scheduler.Stats``: batches, blocks, joined_running, ...)."""
+        scheduler's counters (``jobs.Stats``: batches, blocks, joined_running, ...)."""
         s = self.scheduler
         return {"status": "ok", "model": self.model_name, "queued": s.queued, "running_rows": s.running_rows,
                 "max_batch_size": self.limits.max_batch_size, "compiled": bool(getattr(self.lm, "compiled", False)),

@@ -21,7 +21,7 @@ from .compiled import compile_encoder_layers
 from .config import TrainConfig
 from .inputs import CACHE, build_data, data_fingerprint, load_cached, load_start, resolve_kind, save_cache
 from .lora import apply_lora, is_peft, merge_lora
-from .metrics import say
+from .metrics_log import say
 
 PRETRAIN_LENGTH, INSTRUCT_LENGTH = 512, 256  # the paper's sequence lengths
 

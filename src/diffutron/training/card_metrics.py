@@ -8,6 +8,7 @@
         prompt_set: null                      # default: diffutron/embedded/card-prompts.jsonl
         max_length: 128                       # sequences as in pre-training
         draws: 4                              # noise draws per sequence (fixed seed)
+        timing_repeat: 3                      # the answer time: best of this many runs
 
 - **Held-out ELBO perplexity per word**: ``likelihood.elbo_perplexity`` on the documents of
   ``perplexity_data`` packed as in pre-training (``data.pretrain.pack_documents``, the tail kept),
@@ -15,7 +16,7 @@
   tokenizer can game it.
 - **Answers to the fixed prompt set** at the paper's sampler settings (64 new tokens, 64 steps,
   blocks of 32, temperature 0.1, repetition penalty 1.2, seed 0): their Turkish-word share
-  (``data.lexicon.turkish_word_share``), their lengths in words and the share of distinct words.
+  (``corpus.lexicon.turkish_word_share``), their lengths in words and the share of distinct words.
 - **The corpus ceiling**: the Turkish-word share of the corpus's test split (real text).
 - **Speed**: one 64-token answer on this machine (best of a few, the threads noted).
 """
@@ -34,6 +35,7 @@ import torch
 from ..data.pretrain import pack_documents
 from ..errors import DiffutronError
 from ..text import count_words, tr_lower, words
+from .config import Settings
 
 __all__ = [
     "CardSettings",
@@ -59,7 +61,7 @@ MIN_WORDS, MIN_DISTINCT = 5, 0.6  # the issue's bar for every answer of the prom
 
 
 @dataclass
-class CardSettings:
+class CardSettings(Settings):
     """The ``export.card`` mapping of a recipe (loaded strictly by ``config.build``)."""
 
     perplexity_data: str | None = None
@@ -70,12 +72,15 @@ class CardSettings:
     batch_size: int = 32
     max_documents: int | None = None  # --quick: fewer held-out documents and prompts
     max_prompts: int | None = None
+    timing_repeat: int = 3  # the answer time is the best of this many runs (--quick: 1)
 
     def __post_init__(self):
         from .config import SettingError
 
         if self.max_length < 2:
             raise SettingError("max_length", f"{self.max_length} must be >= 2")
+        if self.timing_repeat < 1:
+            raise SettingError("timing_repeat", f"{self.timing_repeat} must be >= 1")
         if self.draws < 1:
             raise SettingError("draws", f"{self.draws} must be >= 1")
 
@@ -119,7 +124,7 @@ def answer_stats(texts: Sequence[str]) -> dict:
 
 
 def _texts(path: str | Path, limit: int | None) -> list[str]:
-    from ..evaluation.perplexity import read_texts
+    from ..evaluation.perplexity_run import read_texts
 
     texts, _ = read_texts(str(path), limit=limit)
     return texts
@@ -154,7 +159,7 @@ def answer_prompts(lm, prompts: Sequence[str], sampler=None, batch_size: int = 3
 
 def prompt_set_metrics(lm, rows: Sequence[dict], stems, *, batch_size: int = 32) -> dict:
     """Answers to the prompt set with their Turkish-word share and lengths (overall, open prompts apart)."""
-    from ..data.lexicon import turkish_word_share
+    from ..corpus.lexicon import turkish_word_share
 
     answers = answer_prompts(lm, [r["prompt"] for r in rows], batch_size=batch_size)
     out = {"sampler": card_sampler().to_dict(), "prompts": len(rows),
@@ -170,8 +175,8 @@ def prompt_set_metrics(lm, rows: Sequence[dict], stems, *, batch_size: int = 32)
 
 def corpus_word_share(stems, corpus_dir: str | Path | None = None, split: str = "test") -> dict:
     """The Turkish-word share of real text: every document of a corpus split (the card's ceiling)."""
-    from ..data.corpus import iter_corpus
-    from ..data.lexicon import turkish_word_share
+    from ..corpus.build import iter_corpus
+    from ..corpus.lexicon import turkish_word_share
 
     return {**turkish_word_share((d["text"] for d in iter_corpus(split, corpus_dir)), stems), "split": split}
 
@@ -209,7 +214,7 @@ def stage_card_metrics(model_dir: str | Path, settings: CardSettings, *, stems=N
                        lm=None) -> dict:
     """The card's numbers for one stage's model: perplexity per word and the prompt set's answers.
 
-    ``stems`` (``data.lexicon.load_stems()``) may be None where the lexicon cannot be had (offline):
+    ``stems`` (``corpus.lexicon.load_stems()``) may be None where the lexicon cannot be had (offline):
     the share is then left out and said so.
     """
     from ..lm import DiffusionLM

@@ -81,9 +81,12 @@ def is_complete(checkpoint: Path) -> bool:
     lists is there at its recorded size: a kill while an old checkpoint was deleted, or a copy
     that lost a file, leaves one that is not."""
     try:
-        files = json.loads((checkpoint / CKPT_STATE).read_text(encoding="utf-8")).get("files")
+        state = json.loads((checkpoint / CKPT_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    if not isinstance(state, dict):
+        return False
+    files = state.get("files")
     if files is None:  # written before checkpoints listed their files: the state file vouches alone
         return True
     for name, size in files.items():
@@ -230,10 +233,11 @@ def output_state(out: Path) -> str:
     state = out / STATE_FILE
     if state.is_file():
         try:
-            if json.loads(state.read_text(encoding="utf-8")).get("finished"):
-                return "finished"
+            record = json.loads(state.read_text(encoding="utf-8"))
         except ValueError:
-            pass
+            record = None
+        if isinstance(record, dict) and record.get("finished"):
+            return "finished"
     if latest_checkpoint(out) is not None:
         return "interrupted"
     names = {p.name for p in out.iterdir() if not p.name.startswith(".")}

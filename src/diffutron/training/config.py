@@ -7,20 +7,25 @@ keys (with a "did you mean") and wrong types, and names the file, line and key o
 
     stage.yaml:7: lora.rank: unknown key (did you mean 'r'?); allowed: r, alpha, ...
 
-YAML reads ``1e-4`` as a string (YAML 1.1 wants ``1.0e-4``): numeric strings are accepted for
-float settings.
+pydantic checks the types strictly: ``"8"`` is no int and ``1`` no bool, but an int is a float.
+:func:`read_yaml` reads ``1e-4`` as a float, as YAML 1.2 does (YAML 1.1 wants ``1.0e-4``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
+
+import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic_core import core_schema
 
 from ..errors import DiffutronError
 from ..objective import IMPLS, WEIGHTINGS
@@ -54,6 +59,19 @@ def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
     return field(default=default, metadata={"help": text})
 
 
+class Settings:
+    """Base of settings dataclasses: :func:`build` makes them from a mapping (null: an empty one), each
+    field's type checked strictly (``"8"`` is no int, ``1`` no bool); other dataclasses get pydantic's lax types."""
+
+    __pydantic_config__ = ConfigDict(strict=True, extra="forbid")
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source, handler):
+        schema = handler(source)
+        schema["strict"] = False  # strict would want an instance of the dataclass, not a mapping
+        return core_schema.no_info_before_validator_function(lambda v: {} if v is None else v, schema)
+
+
 def _check_choice(key: str, value, choices) -> None:
     if value not in choices:
         raise SettingError(key, f"{value!r} is not one of {', '.join(map(str, choices))}")
@@ -78,7 +96,7 @@ def _check_range(key: str, value, *, low=None, high=None, low_open=False, allow_
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Settings):
     """Where a stage's text comes from and how it becomes training sequences."""
 
     train: Union[str, list[str], None] = _help(
@@ -140,7 +158,7 @@ class DataConfig:
 
 
 @dataclass
-class LoraSettings:
+class LoraSettings(Settings):
     """LoRA adapters through peft (method: lora)."""
 
     r: Optional[int] = _help("rank; default the paper's 256 from mmBERT-base's size (hidden 768) up, hidden_size "
@@ -165,7 +183,7 @@ class LoraSettings:
 
 
 @dataclass
-class InitConfig:
+class InitConfig(Settings):
     """A fresh, randomly initialised model: training from scratch."""
 
     config: Union[str, dict, None] = _help(
@@ -181,7 +199,7 @@ class InitConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """One training stage: start model, data, method and hyper-parameters."""
 
     model: str | None = _help("start: a model directory (or an unmerged LoRA adapter directory) or a hub id", None)
@@ -316,60 +334,8 @@ def _type_name(tp) -> str:
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value, tp, where: Where, path: str):
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise where.error(path, f"{path}: must not be empty (expected {_type_name(tp)})")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where, path)
-            except DiffutronError as err:
-                errors.append(err)
-        raise where.error(path, f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, where, path)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, list):
-            return [_coerce(v, item, where, _join(path, i)) for i, v in enumerate(value)]
-    elif tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-    else:  # pragma: no cover - a type this loader does not know is a bug in the dataclasses
-        raise TypeError(f"unsupported setting type {tp!r} for {path}")
-    raise where.error(path, f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
+        return "a mapping of settings"
+    return getattr(origin or tp, "__name__", str(tp))
 
 
 def _describe(value) -> str:
@@ -388,36 +354,65 @@ _ALIASES = {
     "save_total_limit": "keep_last", "bf16": "mixed_precision", "fp16": "mixed_precision",
     "model_name_or_path": "model", "dataset": "train", "dataset_name": "train", "path": "train",
 }
+@functools.cache
+def _adapter(cls) -> TypeAdapter:
+    return TypeAdapter(list[cls], config=ConfigDict(extra="forbid"))  # a dataclass takes no config: its list does
+
+
+def _locate(cls, loc: tuple) -> tuple[list, Any]:
+    """The keys and the type of the setting at a pydantic error location (a union's member tags dropped)."""
+    keys, tp = [], cls
+    for part in loc:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1:
+            tp = args[0]  # X | None: pydantic puts no member tag in the location
+        if dataclasses.is_dataclass(tp) and part in typing.get_type_hints(tp):
+            tp = typing.get_type_hints(tp)[part]
+        elif typing.get_origin(tp) in (list, dict) and typing.get_args(tp):
+            tp = typing.get_args(tp)[-1]
+        else:
+            break
+        keys.append(part)
+    return keys, tp
 
 
 def build(cls, data, where: Where | None = None, path: str = ""):
-    """An instance of the settings dataclass ``cls`` from a mapping, strictly.
+    """An instance of the settings dataclass ``cls`` from a mapping, strictly (through pydantic).
 
     Raises:
         DiffutronError: an unknown key (with a "did you mean"), a value of the wrong type or out
-            of range; the message starts with ``file:line:`` when ``where`` knows them.
+            of range; one line, starting with ``file:line:`` when ``where`` knows them.
     """
-    where = where or Where()
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise where.error(path, f"{path or 'settings'}: expected a mapping of settings, got {_describe(data)}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            alias = _ALIASES.get(str(key))
-            close = [alias] if alias in names else difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise where.error(_join(path, key), f"{_join(path, key)}: unknown key{hint}; allowed: {', '.join(names)}")
-    kwargs = {key: _coerce(value, hints[key], where, _join(path, key)) for key, value in data.items()}
     try:
-        return cls(**kwargs)
-    except SettingError as err:
-        full = _join(path, err.key)
-        raise where.error(full, f"{full}: {err.message}") from None
-    except TypeError as err:  # a required field left out
-        raise where.error(path, f"{path or 'settings'}: {err}") from None
+        return _adapter(cls).validate_python([{} if data is None else data])[0]
+    except ValidationError as err:
+        errors = err.errors(include_url=False)
+    error = next((e for e in errors if e["type"] == "unexpected_keyword_argument"), errors[0])  # unknown keys first
+    loc = error["loc"][1:]  # [0] is the index in the list
+    keys, tp = _locate(cls, loc)
+    cause = (error.get("ctx") or {}).get("error")  # an exception __post_init__ raised
+    if error["type"] == "unexpected_keyword_argument":
+        key, names = str(loc[len(keys)]), [f.name for f in dataclasses.fields(tp)]
+        close = [_ALIASES[key]] if _ALIASES.get(key) in names else difflib.get_close_matches(key, names, n=1)
+        keys.append(key)
+        message = f"unknown key{f' (did you mean {close[0]!r}?)' if close else ''}; allowed: {', '.join(names)}"
+    elif isinstance(cause, SettingError):
+        keys.append(cause.key)
+        message = cause.message
+    elif cause is not None or error["type"] == "missing":
+        message = str(cause or "missing")
+    else:
+        message = f"expected {_type_name(tp)}, got {_describe(error['input'])}"
+    full = functools.reduce(_join, keys, path)
+    raise (where or Where()).error(full, f"{full or 'settings'}: {message}") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-4`` and ``1.5E3`` as floats (YAML 1.2)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
 
 
 def read_yaml(path: str | Path) -> tuple[Any, Where]:
@@ -426,8 +421,6 @@ def read_yaml(path: str | Path) -> tuple[Any, Where]:
     Raises:
         DiffutronError: a missing or unreadable file, bad UTF-8 or a YAML syntax error (with its line).
     """
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise DiffutronError(f"settings file {path} does not exist")
@@ -436,8 +429,8 @@ def read_yaml(path: str | Path) -> tuple[Any, Where]:
     except UnicodeDecodeError as err:
         raise DiffutronError(f"{path}: not valid UTF-8 (byte {err.start}): save it as UTF-8") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -449,8 +442,6 @@ def read_yaml(path: str | Path) -> tuple[Any, Where]:
 
 
 def _record_lines(node, prefix: str, lines: dict[str, int]) -> None:
-    import yaml
-
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = _join(prefix, key_node.value)

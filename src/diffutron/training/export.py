@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 
 from .card_metrics import CardSettings
-from .config import SettingError
+from .config import SettingError, Settings
 
 __all__ = ["ExportConfig", "stage_record", "write_card", "final_numbers", "export", "export_model"]
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(Settings):
     """The ``export:`` mapping of a recipe (loaded strictly by ``config.build``)."""
 
     dir: str | None = None
@@ -88,8 +88,16 @@ def final_numbers(lm, card: CardSettings | None, stems, corpus_dir: str | None) 
             out["corpus_ceiling"] = corpus_word_share(stems, corpus_dir)
         except Exception as err:  # no corpus here (a GPU run installed elsewhere): say so on the card
             out["corpus_ceiling"] = {"share": None, "error": str(err)}
-    out["answer_time"] = answer_seconds(lm)
+    out["answer_time"] = answer_seconds(lm, repeat=card.timing_repeat if card else 3)
     return out
+
+
+# Below the prompt set's figures: what the card's perplexity and instruction metrics are.
+_METRICS_NOTE = [
+    "", "Perplexity per word: the held-out ELBO bound (`diffutron.likelihood.elbo_perplexity`, fixed seed) "
+    "summed over the CPT stage's validation documents packed as in pre-training, divided by their words, "
+    "so that tokenizers compare. Instruction metrics: greedy answers to held-out task rows scored by "
+    "`diffutron.corpus.tasks.score` (exact match / token F1 by family)."]
 
 
 def write_card(directory: Path, *, name: str, source: str, stages: list[dict], corpus_stats: dict | None,
@@ -102,8 +110,20 @@ def write_card(directory: Path, *, name: str, source: str, stages: list[dict], c
             "sources": (corpus_stats or {}).get("sources", [])}
     (directory / "card.json").write_text(json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
+    ps = numbers.get("prompt_set") or {}
+    lines = (_card_intro(name=name, source=source, params=params, dtype=recipe_dtype(directory),
+                         wall_seconds=wall_seconds, device=device)
+             + _numbers_table(stages) + _prompt_set_lines(numbers) + _METRICS_NOTE
+             + _stages_table(stages) + _sources_and_samples(card["sources"], sampler, samples, ps))
+    (directory / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return card
+
+
+def _card_intro(*, name: str, source: str, params: int, dtype: str, wall_seconds: float | None,
+                device: str | None) -> list[str]:
+    """The card's title, what the model cannot do, its size and cost, and the numbers table's head."""
     where = f"on {device}" if device else "on this machine"
-    lines = [
+    return [
         f"# {name}: a tiny Turkish masked diffusion LM",
         "",
         f"Trained by `diffutron recipe run {source}` (diffutron's own progressive recipe, at toy scale) on "
@@ -117,7 +137,7 @@ def write_card(directory: Path, *, name: str, source: str, stages: list[dict], c
         "sentences of that corpus's kind, often wrong or off-topic. Use `--model diffutron/DiffutronLM-0.3B-Instruct` "
         "for real answers.",
         "",
-        f"- parameters: {params:,} (ModernBERT encoder + tied MLM head), stored as {recipe_dtype(directory)}",
+        f"- parameters: {params:,} (ModernBERT encoder + tied MLM head), stored as {dtype}",
         f"- full recipe wall time: {wall_seconds / 60:.1f} min {where}" if wall_seconds else f"- trained {where}",
         "- no pretrained Turkish encoder is available offline, so stage 0 trains one from scratch with the MDLM objective",
         "",
@@ -127,6 +147,11 @@ def write_card(directory: Path, *, name: str, source: str, stages: list[dict], c
         "Turkish-word share of the prompt set's answers | words per answer | training time |",
         "|---|---:|---|---:|---:|---:|",
     ]
+
+
+def _numbers_table(stages: list[dict]) -> list[str]:
+    """One row of the numbers table per stage."""
+    lines = []
     for st in stages:
         c = st.get("card") or {}
         ppl = (c.get("perplexity") or {}).get("ppl_per_word")
@@ -139,6 +164,12 @@ def write_card(directory: Path, *, name: str, source: str, stages: list[dict], c
         lines.append(f"| {st['name']} | {_fmt(ppl, ',.1f')} | {metric} | {_fmt(share, '.3f')} | "
                      f"{_fmt((ps.get('lengths') or {}).get('mean_words'), '.1f')} | "
                      f"{_fmt(secs and secs / 60, '.1f')}{' min' if secs else ''} |")
+    return lines
+
+
+def _prompt_set_lines(numbers: dict) -> list[str]:
+    """The shipped weights' figures on the committed prompt set (none without them)."""
+    lines = []
     ps = numbers.get("prompt_set") or {}
     if ps:
         share = ps.get("turkish_share") or {}
@@ -157,7 +188,7 @@ def write_card(directory: Path, *, name: str, source: str, stages: list[dict], c
             f"{_fmt(open_share.get('share'), '.3f')}); real text, the corpus's {ceiling.get('split', 'test')} split, "
             f"scores {_fmt(ceiling.get('share'), '.3f')} (the ceiling). A word counts when the longest stem of "
             "Debian hunspell-tr's `tr_TR.dic` that is a prefix of it (Turkish lower case, letters only) covers at "
-            "least half of its letters (`diffutron.data.lexicon`).",
+            "least half of its letters (`diffutron.corpus.lexicon`).",
             f"- answer lengths: {lengths['mean_words']:.1f} words on average (shortest {lengths['min_words']}); "
             f"{lengths['long_enough']} of {lengths['answers']} answers have >= 5 words of which >= 60% are "
             f"distinct (mean distinct share {lengths['mean_distinct']:.2f}).",
@@ -166,15 +197,15 @@ def write_card(directory: Path, *, name: str, source: str, stages: list[dict], c
             threads = f", {timing['threads']} threads" if timing.get("threads") else ""
             lines.append(f"- one 64-token answer at these settings: {timing['seconds']:.2f} s on "
                          f"{timing['device']}{threads} (all 64 tokens decoded, best of 3)")
-    lines += ["", "Perplexity per word: the held-out ELBO bound (`diffutron.likelihood.elbo_perplexity`, fixed seed) "
-              "summed over the CPT stage's validation documents packed as in pre-training, divided by their words, "
-              "so that tokenizers compare. Instruction metrics: greedy answers to held-out task rows scored by "
-              "`diffutron.data.tasks.score` (exact match / token F1 by family)."]
+    return lines
 
-    lines += ["", "## Stages", "",
-              "| stage | start | method | data | steps | batch | lr | held-out ELBO ppl per token (own split) "
-              "before -> after |",
-              "|---|---|---|---|---:|---:|---:|---|"]
+
+def _stages_table(stages: list[dict]) -> list[str]:
+    """The stages table (start, method, data, settings, held-out ELBO) and each stage's metric per family."""
+    lines = ["", "## Stages", "",
+             "| stage | start | method | data | steps | batch | lr | held-out ELBO ppl per token (own split) "
+             "before -> after |",
+             "|---|---|---|---|---:|---:|---:|---|"]
     for st in stages:
         data = st["data"] if isinstance(st["data"], str) else ", ".join(st["data"] or [])
         ppl = (f"{st['heldout_ppl_before']:.2f} -> {st['heldout_ppl_after']:.2f}"
@@ -188,10 +219,14 @@ def write_card(directory: Path, *, name: str, source: str, stages: list[dict], c
         if fams:
             lines.append(f"- {st['name']} per family after the stage: "
                          + ", ".join(f"{k} {v:.3f}" for k, v in sorted(fams.items())))
+    return lines
 
-    lines += ["", "## Data sources", "",
-              "| source | registry | version | license | domains | documents |", "|---|---|---|---|---|---:|"]
-    for s in card["sources"]:
+
+def _sources_and_samples(sources: list[dict], sampler: dict, samples: list[dict], ps: dict) -> list[str]:
+    """The data sources table, the sample answers with their sampler, and the prompt set's answers."""
+    lines = ["", "## Data sources", "",
+             "| source | registry | version | license | domains | documents |", "|---|---|---|---|---|---:|"]
+    for s in sources:
         lines.append(f"| {s.get('name')} | {s.get('registry')} | {s.get('version')} | {s.get('license')} | "
                      f"{', '.join(s.get('domains', []))} | {s.get('documents', '')} |")
     lines += ["", "## Samples", "", "Sampler: " + ", ".join(f"{k}={v}" for k, v in sampler.items()), ""]
@@ -202,8 +237,7 @@ def write_card(directory: Path, *, name: str, source: str, stages: list[dict], c
         for a in ps["answers"]:
             prompt = a["prompt"].replace("\n", " ")
             lines.append(f"- ({a.get('kind')}) {prompt} -> {a['answer'].replace(chr(10), ' ') or '(empty)'}")
-    (directory / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return card
+    return lines
 
 
 def recipe_dtype(directory: Path) -> str:

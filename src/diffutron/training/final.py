@@ -15,7 +15,7 @@ from . import checkpoint as ckpt
 from .checkpoint import RUN_RECORD, STATE_FILE
 from .config import TrainConfig
 from .lora import merge_lora
-from .metrics import say
+from .metrics_log import say
 
 
 def save_final(config: TrainConfig, accelerator, model, tokenizer, out: Path, record: dict, *, heldout: list[dict],
@@ -46,10 +46,10 @@ def save_final(config: TrainConfig, accelerator, model, tokenizer, out: Path, re
                 shutil.rmtree(target)
             os.replace(item, target)
         tmp.rmdir()
-        if not config.keep_checkpoints:
-            shutil.rmtree(out / ckpt.CHECKPOINTS, ignore_errors=True)
         ckpt.write_json_atomic(out / STATE_FILE, {"finished": True, "steps": steps, "saved_as": saved_as,
                                                    "final_loss": final_loss})
+        if not config.keep_checkpoints:  # after the finished mark: a kill here leaves a finished run
+            shutil.rmtree(out / ckpt.CHECKPOINTS, ignore_errors=True)
         say(f"finished: {saved_as} model in {out}")
     accelerator.wait_for_everyone()
 

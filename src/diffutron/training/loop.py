@@ -50,7 +50,7 @@ from .checkpoint import RUN_RECORD, check_output
 from .config import TrainConfig
 from .final import save_final
 from .inputs import check_start
-from .metrics import MetricsWriter, format_eval, say
+from .metrics_log import MetricsWriter, format_eval, say
 from .plot import draw_quietly, plot_stage
 from .state import TrainState, check_resumable, run_record
 from .stream import DataStream, draw_training_noise

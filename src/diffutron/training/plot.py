@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import DiffutronError
-from .metrics import CSV, JSONL, say
+from .metrics_log import CSV, JSONL, say
 
 PLOT = "loss.png"
 SIZE_INCHES, DPI = (8.0, 6.0), 100  # 800 x 600 pixels

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DiffutronError
+from .config import Settings
 
 
 @dataclass
-class PrepareConfig:
+class PrepareConfig(Settings):
     """The ``prepare:`` mapping of a recipe (loaded strictly by ``config.build``)."""
 
     corpus: str | None = None
@@ -46,9 +47,9 @@ class PrepareConfig:
 
 def paths(cfg: PrepareConfig, data_dir: Path, *, quick: bool = False) -> dict[str, str]:
     """The placeholder values: where corpus, tasks, tokenizer and exported groups live."""
-    from ..data.corpus import default_corpus_dir
-    from ..data.tasks import default_tasks_dir
-    from ..data.tokenizer import default_tokenizer_dir
+    from ..corpus.build import default_corpus_dir
+    from ..corpus.tasks import default_tasks_dir
+    from ..corpus.tokenizer import default_tokenizer_dir
 
     suffix = "-quick" if quick else ""
 
@@ -65,9 +66,9 @@ def paths(cfg: PrepareConfig, data_dir: Path, *, quick: bool = False) -> dict[st
 
 def prepare(cfg: PrepareConfig, where: dict[str, str], *, log=print) -> None:
     """Build whatever is missing: corpus, tokenizer, tasks, exported groups (each atomically)."""
-    from ..data.corpus import build_corpus, iter_corpus
-    from ..data.tasks import TASKS_FORMAT, build_tasks
-    from ..data.tokenizer import is_outdated, load_tokenizer, train_tokenizer
+    from ..corpus.build import build_corpus, iter_corpus
+    from ..corpus.tasks import TASKS_FORMAT, build_tasks
+    from ..corpus.tokenizer import is_outdated, load_tokenizer, train_tokenizer
 
     corpus, tasks, tok_dir, data = (Path(where[k]) for k in ("corpus", "tasks", "tokenizer", "data"))
     if not (corpus / "stats.json").is_file():

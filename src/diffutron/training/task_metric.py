@@ -12,7 +12,7 @@
 
 The evaluator runs at every held-out evaluation of the stage (at its start and its end, so the
 model before and after the stage), greedy (temperature 0), and logs ``eval/<tasks>_score`` and one
-``eval/<tasks>_<task>`` per family. Scoring is ``diffutron.data.tasks.score``, the one metric
+``eval/<tasks>_<task>`` per family. Scoring is ``diffutron.corpus.tasks.score``, the one metric
 function the evaluation uses too.
 """
 
@@ -21,10 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..sampling import SamplerConfig
+from .config import Settings
 
 
 @dataclass(frozen=True)
-class MetricConfig:
+class MetricConfig(Settings):
     tasks: str = "general"
     split: str = "validation"
     limit: int = 200
@@ -51,7 +52,7 @@ def balanced(rows: list[dict], limit: int) -> list[dict]:
 
 def task_evaluator(cfg: MetricConfig):
     """An evaluator ``fn(lm, step) -> {name: value}`` for ``diffutron.training.train``."""
-    from ..data.tasks import load_tasks, score
+    from ..corpus.tasks import load_tasks, score
 
     rows = balanced(load_tasks(cfg.tasks, cfg.split, cfg.tasks_dir), cfg.limit)
     sampler = SamplerConfig(max_new_tokens=cfg.max_new_tokens, steps=cfg.steps, block_length=cfg.block_length,
