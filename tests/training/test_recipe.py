@@ -185,6 +185,23 @@ def test_quick_shrinks_every_stage_and_writes_elsewhere(files, tmp_path):
     assert quick.stages[0].config.lora.r == 8  # quick shrinks the run, not the method
 
 
+def test_quick_shrinks_the_metric_and_the_card_but_not_the_cards_sampler():
+    full, quick = (load_recipe(ROOT / "recipes" / "tiny-tr.yaml", quick=q) for q in (False, True))
+    metrics = [(s.metric.limit, s.metric.max_new_tokens, s.metric.block_length, s.metric.steps)
+               for s in quick.stages if s.metric]
+    assert metrics == [(8, 16, 16, 8)] * 2
+    assert [s.metric.limit for s in full.stages if s.metric] == [210, 210]
+    card = quick.export.card
+    assert (card.max_documents, card.max_prompts, card.draws, card.timing_repeat) == (4, 2, 1, 1)
+    assert (full.export.card.draws, full.export.card.timing_repeat) == (4, 3)
+    assert quick.export.prompts == full.export.prompts[:2]
+    from diffutron.training.card_metrics import CardSettings
+    from diffutron.training.config import build
+
+    with pytest.raises(DiffutronError, match=r"export.card.timing_repeat: 0 must be >= 1"):
+        build(CardSettings, {"timing_repeat": 0}, None, "export.card")
+
+
 def test_shipped_recipe_is_valid_and_holds_the_paper_settings(tmp_path, monkeypatch):
     recipe = load_recipe(ROOT / "recipes" / "diffutron-0.3b.yaml")
     cpt, sft1, sft2 = recipe.stages
