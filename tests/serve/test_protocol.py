@@ -85,6 +85,7 @@ NEUTRAL_CHAT = [
     {"logit_bias": {}}, {"logit_bias": None},
     {"logprobs": False}, {"top_logprobs": 0}, {"logprobs": False, "top_logprobs": 0},
     {"response_format": {"type": "text"}}, {"response_format": None},
+    {"store": False}, {"store": False, "metadata": {"user": "x"}},
 ]
 
 
@@ -103,6 +104,7 @@ PENALTY = "Value error, is not supported by a diffusion LM: leave it at 0 and us
     ({"logit_bias": {"5": 1.0}}, ("logit_bias",), "Value error, is not supported by this server"),
     ({"logprobs": True}, (), "Value error, logprobs are not supported by this server"),
     ({"top_logprobs": 2}, (), "Value error, logprobs are not supported by this server"),
+    ({"store": True}, (), "Value error, store is not supported by this server: it keeps no completions"),
     ({"response_format": {"type": "json_object"}}, (), 'Value error, response_format: only {"type": "text"} is supported'),
     ({"max_tokens": 5, "max_completion_tokens": 6}, (), "Value error, max_tokens and max_completion_tokens differ: give one of them"),
     ({"stream_options": {"include_usage": True}}, (), "Value error, stream_options is only allowed when stream is true"),

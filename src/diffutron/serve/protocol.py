@@ -134,6 +134,8 @@ class ChatCompletionRequest(SamplingFields):
             self.max_tokens = self.max_completion_tokens
         if self.logprobs or self.top_logprobs:
             raise ValueError("logprobs are not supported by this server")
+        if self.store:
+            raise ValueError("store is not supported by this server: it keeps no completions")
         if self.response_format not in (None, {"type": "text"}):
             raise ValueError('response_format: only {"type": "text"} is supported')
         return self
