@@ -272,7 +272,7 @@ def user_files(cwd: Path) -> None:
         (cwd / name).symlink_to(ROOT / name, target_is_directory=True)
     for name in ("DIR", "my-model", "DiffutronLM-0.3B-Instruct"):
         (cwd / name).symlink_to(Path(default_model_path()), target_is_directory=True)
-    sys.path.insert(0, str(Path(__file__).parents[1]))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "evaluation"))  # tests/evaluation/test_evaluation.py
     try:
         from test_evaluation import fixture_dir
     finally:
