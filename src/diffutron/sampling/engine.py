@@ -41,7 +41,7 @@ from .config import SamplerConfig
 from .engine_step import Layout, Step
 from .loop import GenerationOutput
 from .noise import block_noise
-from .stopping import find_stop
+from .stopping import end_of_block, finish_reason
 
 log = logging.getLogger("diffutron.engine")
 
@@ -86,6 +86,9 @@ class Row:
     @property
     def start(self) -> int:
         return len(self.prompt)
+
+    def finish_reason(self, eos_token_id: int | None) -> str:
+        return finish_reason(self.done, self.canvas, self.start, eos_token_id=eos_token_id, stop_sequences=self.stops)
 
 
 class Engine:
@@ -235,16 +238,12 @@ class Engine:
 
     def _end_block(self, row: Row) -> None:
         """As the eager loop's ``end_block``: stop the row if its answer has ended, or at its last block."""
-        s, e = row.blocks[row.block]
-        if self.config.stop_at_eos:
-            hit = find_stop(row.canvas[row.start : e].tolist(), eos_token_id=self.eos_id, stop_sequences=row.stops)
-            if hit is not None:
-                row.canvas[row.start + hit[1] :] = self.pad_id
-                row.done = "stop"
-                return
-        row.block += 1
-        if row.block >= len(row.blocks):
-            row.done = "length"
+        done = end_of_block(row.canvas, row.start, row.blocks[row.block][1], eos_token_id=self.eos_id,
+                            stop_sequences=row.stops, pad_token_id=self.pad_id, stop_at_eos=self.config.stop_at_eos,
+                            last=row.block + 1 >= len(row.blocks))
+        if done != "stop":
+            row.block += 1
+        row.done = done or row.done
 
     def cancel(self, row: Row) -> None:
         """Stop a row between blocks (its masks become padding); ``step_block`` drops it."""
@@ -409,13 +408,7 @@ class Engine:
             self.rows = []
         for row in rows:
             out[order[id(row)], : row.length] = row.canvas
-        reasons = []
-        for row in rows:
-            reason = row.done or "length"
-            if reason == "length" and find_stop(row.canvas[row.start :].tolist(), eos_token_id=self.eos_id,
-                                                stop_sequences=row.stops):
-                reason = "stop"
-            reasons.append(reason)
+        reasons = [row.finish_reason(self.eos_id) for row in rows]
         return GenerationOutput(sequences=out.to(input_ids.device), finish_reasons=reasons, nfe=self.nfe - nfe0,
                                 answer_start=[r.start for r in rows])
 

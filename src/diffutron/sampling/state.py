@@ -22,7 +22,7 @@ from ..errors import DiffutronError
 from . import policies
 from .config import SamplerConfig
 from .noise import block_noise
-from .stopping import find_stop
+from .stopping import end_of_block, finish_reason
 
 
 @dataclass(frozen=True)
@@ -128,20 +128,10 @@ class RowState:
     def end_block(self) -> None:
         """The current block is decoded: stop if the answer has ended (the tail after it becomes
         padding), or if this was the last block."""
-        if self.stop_at_eos:
-            hit = self.stop_in(self.span[1])
-            if hit is not None:
-                self.tokens[self.start + hit[1] :] = self.specials.pad
-                self.done = "stop"
-                return
-        if self.block + 1 >= len(self.blocks):
-            self.done = "length"
-
-    def stop_in(self, end: int) -> tuple[int, int] | None:
-        """The first EOS or stop sequence in the answer up to column ``end`` (``stopping.find_stop``:
-        offsets from the answer's start)."""
         sp = self.specials
-        return find_stop(self.tokens[self.start : end].tolist(), eos_token_id=sp.eos, stop_sequences=sp.stops)
+        self.done = end_of_block(self.tokens, self.start, self.span[1], eos_token_id=sp.eos, stop_sequences=sp.stops,
+                                 pad_token_id=sp.pad, stop_at_eos=self.stop_at_eos,
+                                 last=self.block + 1 >= len(self.blocks)) or self.done
 
     # ------------------------------------------------------------------------------ one step
     def commit(self, cols: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -161,9 +151,8 @@ class RowState:
 
     def finish_reason(self) -> str:
         """"stop", "length" or "cancelled"; a row that ran to its end stopped if its answer holds a stop."""
-        if self.done in (None, "length") and self.stop_in(self.length) is not None:
-            return "stop"
-        return self.done or "length"
+        sp = self.specials
+        return finish_reason(self.done, self.tokens, self.start, eos_token_id=sp.eos, stop_sequences=sp.stops)
 
     # ------------------------------------------------------------------------------ cache="dual" / "delayed"
     def stale(self, refresh_every: int = 0) -> bool:

@@ -49,3 +49,26 @@ def partial_stop_len(tokens: Sequence[int], stop_sequences: Sequence[Sequence[in
                 keep = max(keep, n)
                 break
     return keep
+
+
+def end_of_block(tokens, start: int, end: int, *, eos_token_id: int | None, stop_sequences: Sequence[Sequence[int]],
+                 pad_token_id: int, stop_at_eos: bool, last: bool) -> str | None:
+    """After a block (answer columns up to ``end``) is decoded: ``"stop"`` if the answer has ended
+    (``tokens`` after its end become padding, in place), ``"length"`` if it was the last block,
+    else None. The one rule of the eager loop and the lockstep engine."""
+    if stop_at_eos:
+        hit = find_stop(tokens[start:end].tolist(), eos_token_id=eos_token_id, stop_sequences=stop_sequences)
+        if hit is not None:
+            tokens[start + hit[1] :] = pad_token_id
+            return "stop"
+    return "length" if last else None
+
+
+def finish_reason(done: str | None, tokens, start: int, *, eos_token_id: int | None,
+                  stop_sequences: Sequence[Sequence[int]]) -> str:
+    """``"stop"``, ``"length"`` or ``"cancelled"``: a row that ran to its end (``done`` None or
+    "length") stopped if its answer holds an end of text or a stop sequence."""
+    if done in (None, "length") and find_stop(tokens[start:].tolist(), eos_token_id=eos_token_id,
+                                              stop_sequences=stop_sequences) is not None:
+        return "stop"
+    return done or "length"

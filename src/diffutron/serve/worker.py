@@ -15,7 +15,7 @@ import torch
 
 from ..errors import DiffutronError
 from ..lm import DiffusionLM
-from ..sampling import GenerationOutput, find_stop
+from ..sampling import GenerationOutput
 from .jobs import Failed, Finished, Job, Stats
 from .streaming import RowStream, TokenLabels
 
@@ -47,11 +47,7 @@ def finish_run(lm: DiffusionLM, run: Run, nfe: int, post: Post, stats: Stats) ->
         reasons = []
         for i, row in enumerate(rows):
             seqs[i, : row.length] = row.canvas
-            reason = row.done or "length"
-            if reason == "length" and find_stop(row.canvas[row.start :].tolist(), eos_token_id=lm.eos_token_id,
-                                                stop_sequences=row.stops):
-                reason = "stop"
-            reasons.append(reason)
+            reasons.append(row.finish_reason(lm.eos_token_id))
         out = GenerationOutput(sequences=seqs, finish_reasons=reasons, nfe=nfe, answer_start=[r.start for r in rows])
         completions = lm.completions(out, run.job.token_lists, run.stops)
         if run.job.stream and not run.job.cancelled:
